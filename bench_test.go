@@ -1,0 +1,105 @@
+package asynqlimit
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// benchLimiter has every budget of this version on, with limits that a
+// no-op task never reaches, and metrics registered.
+func benchLimiter(b *testing.B) *Limiter {
+	b.Helper()
+	l, err := New(Limits{Default: Budget{Concurrency: 1 << 20, Timeout: time.Minute, MaxPayload: 1024}},
+		WithRegisterer(prometheus.NewRegistry()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return l
+}
+
+func BenchmarkMiddleware(b *testing.B) {
+	l := benchLimiter(b)
+	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
+	task := asynq.NewTask("noop", []byte("payload"))
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := h.ProcessTask(ctx, task); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkMiddlewareParallel(b *testing.B) {
+	l := benchLimiter(b)
+	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
+	task := asynq.NewTask("noop", []byte("payload"))
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		ctx := context.Background()
+		for pb.Next() {
+			if err := h.ProcessTask(ctx, task); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkEndToEnd drains b.N no-op tasks through a real asynq.Server on
+// the test redis-server, with and without the middleware. Run it with a
+// fixed count, for example -benchtime=2000x, and compare the two with
+// benchstat.
+func BenchmarkEndToEnd(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		limited bool
+	}{{"without", false}, {"with", true}} {
+		b.Run(tc.name, func(b *testing.B) { benchEndToEnd(b, tc.limited) })
+	}
+}
+
+func benchEndToEnd(b *testing.B, limited bool) {
+	db := testRedis.NewDB()
+	defer testRedis.FlushDB(db)
+	redis := asynq.RedisClientOpt{Addr: testRedis.Addr, DB: db}
+	client := asynq.NewClient(redis)
+	defer client.Close()
+	for range b.N {
+		if _, err := client.Enqueue(asynq.NewTask("noop", nil), asynq.Queue("q")); err != nil {
+			b.Fatal(err)
+		}
+	}
+
+	done := make(chan struct{}, b.N)
+	var handler asynq.Handler = asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+		done <- struct{}{}
+		return nil
+	})
+	cfg := asynq.Config{Concurrency: 8, Queues: map[string]int{"q": 1}, LogLevel: asynq.ErrorLevel}
+	if limited {
+		l, err := New(Limits{Queues: map[string]Budget{"q": {Concurrency: 64, Timeout: time.Minute, MaxPayload: 1024}}},
+			WithRegisterer(prometheus.NewRegistry()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		cfg = l.ServerConfig(cfg)
+		handler = l.Middleware()(handler)
+	}
+	srv := asynq.NewServer(redis, cfg)
+
+	b.ResetTimer()
+	if err := srv.Start(handler); err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		<-done
+	}
+	b.StopTimer()
+	srv.Shutdown()
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "tasks/s")
+}

@@ -1,0 +1,166 @@
+package asynqlimit
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/semaphore"
+	"golang.org/x/time/rate"
+)
+
+// Default deferral delays, used when a Budget leaves them zero.
+const (
+	DefaultDeferDelay    = time.Second
+	DefaultMaxDeferDelay = time.Minute
+)
+
+// Budget is what the tasks of one queue may use in this process.
+//
+// A task whose queue is full is deferred: it goes back to asynq's retry set
+// without spending a retry and comes back after a delay. A task on its last
+// attempt (Retried >= MaxRetry, which includes every task enqueued with
+// asynq.MaxRetry(0)) cannot be deferred, because asynq archives such a task on
+// any error. It waits in the middleware for room instead, holding one of the
+// server's Config.Concurrency workers, until its context ends.
+type Budget struct {
+	// Concurrency is the maximum number of handlers of the queue that run at
+	// once in this process, abandoned handlers included. If zero, the queue
+	// has no concurrency cap.
+	Concurrency int
+	// Timeout is the default and the maximum run time of a task of the queue:
+	// the handler's context ends at the earlier of the task's own deadline
+	// and the start of the handler plus Timeout. Unlike asynq's own timeouts
+	// it may be below one second. If zero, only the task's own deadline
+	// applies.
+	Timeout time.Duration
+	// MaxPayload is the largest payload, in bytes, that a task of the queue
+	// may have. A larger task is archived without running. If zero, payloads
+	// are not checked.
+	MaxPayload int
+	// Priority orders queues for shedding under process pressure: lower
+	// values are shed first. The zero value is the lowest priority that is
+	// not negative.
+	Priority int
+	// DeferDelay is the delay of the first deferral after the queue becomes
+	// full. While the queue stays full the delay doubles each DeferDelay,
+	// up to MaxDeferDelay, and each delay gets up to 50% random jitter.
+	// If zero, DefaultDeferDelay. asynq moves a deferred task back to
+	// pending on its DelayedTaskCheckInterval tick (5s unless set), so
+	// shorter delays are rounded up to that tick.
+	DeferDelay time.Duration
+	// MaxDeferDelay caps the deferral delay. If zero, DefaultMaxDeferDelay.
+	MaxDeferDelay time.Duration
+}
+
+// validate returns one FieldError for each invalid field, with paths under
+// path.
+func (b Budget) validate(path string) []FieldError {
+	var fields []FieldError
+	check := func(ok bool, field, format string, args ...any) {
+		if !ok {
+			fields = append(fields, FieldError{path + "." + field, fmt.Sprintf(format, args...)})
+		}
+	}
+	check(b.Concurrency >= 0, "Concurrency", "must be >= 0, got %d (0 means no cap)", b.Concurrency)
+	check(b.Timeout >= 0, "Timeout", "must be >= 0, got %s (0 means the task's own deadline)", b.Timeout)
+	check(b.MaxPayload >= 0, "MaxPayload", "must be >= 0 bytes, got %d (0 means no cap)", b.MaxPayload)
+	check(b.DeferDelay >= 0, "DeferDelay", "must be >= 0, got %s (0 means %s)", b.DeferDelay, DefaultDeferDelay)
+	check(b.MaxDeferDelay >= 0, "MaxDeferDelay", "must be >= 0, got %s (0 means %s)", b.MaxDeferDelay, DefaultMaxDeferDelay)
+	if b.MaxDeferDelay > 0 && b.deferDelay() > b.MaxDeferDelay {
+		check(false, "MaxDeferDelay", "must be >= DeferDelay (%s), got %s", b.deferDelay(), b.MaxDeferDelay)
+	}
+	return fields
+}
+
+func (b Budget) deferDelay() time.Duration {
+	if b.DeferDelay > 0 {
+		return b.DeferDelay
+	}
+	return DefaultDeferDelay
+}
+
+func (b Budget) maxDeferDelay() time.Duration {
+	if b.MaxDeferDelay > 0 {
+		return b.MaxDeferDelay
+	}
+	return max(DefaultMaxDeferDelay, b.deferDelay())
+}
+
+// queueState is the accounting of one queue in this process.
+type queueState struct {
+	name   string
+	label  string
+	budget Budget
+
+	// slots caps the running handlers; nil when the budget has no
+	// concurrency cap. Its waiters are served in order, so a last-attempt
+	// task that waits is not overtaken by tasks that arrive later.
+	slots *semaphore.Weighted
+	// inFlight counts handlers that have not returned, abandoned ones
+	// included.
+	inFlight atomic.Int64
+	// fullSince is the Unix time in nanoseconds of the first deferral since
+	// the queue last had room, or 0 while it has room.
+	fullSince atomic.Int64
+
+	metrics queueMetrics
+	logs    *rate.Limiter
+	// suppressed counts the log lines that logs held back since the last one
+	// written.
+	suppressed atomic.Int64
+}
+
+func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
+	q := &queueState{
+		name:    name,
+		label:   label,
+		budget:  b,
+		metrics: l.metrics.forQueue(label),
+		logs:    rate.NewLimiter(rate.Every(l.logEvery), l.logBurst),
+	}
+	if b.Concurrency > 0 {
+		q.slots = semaphore.NewWeighted(int64(b.Concurrency))
+	}
+	return q
+}
+
+// tryAcquire takes a slot if the queue has room now.
+func (q *queueState) tryAcquire() bool {
+	if q.slots == nil || q.slots.TryAcquire(1) {
+		q.fullSince.Store(0)
+		return true
+	}
+	return false
+}
+
+// release returns a slot taken by tryAcquire or a wait.
+func (q *queueState) release() {
+	if q.slots != nil {
+		q.slots.Release(1)
+	}
+}
+
+// full reports whether the queue has no free slot, without taking one.
+func (q *queueState) full() bool {
+	return q.budget.Concurrency > 0 && q.inFlight.Load() >= int64(q.budget.Concurrency)
+}
+
+// deferDelay returns the delay for a deferral at now: DeferDelay doubled
+// once for each DeferDelay the queue has been full, capped, with jitter so
+// that deferred tasks do not all return on the same tick.
+func (q *queueState) deferDelay(now time.Time) time.Duration {
+	since := q.fullSince.Load()
+	if since == 0 {
+		q.fullSince.CompareAndSwap(0, now.UnixNano())
+		since = now.UnixNano()
+	}
+	base, limit := q.budget.deferDelay(), q.budget.maxDeferDelay()
+	delay := base
+	for steps := time.Duration(now.UnixNano()-since) / base; steps > 0 && delay < limit; steps-- {
+		delay *= 2
+	}
+	delay = min(delay, limit)
+	return delay - rand.N(delay/2+1)
+}

@@ -1,0 +1,84 @@
+// Package asynqlimit keeps an asynq worker alive and fair when tasks
+// misbehave. It gives each queue a budget (concurrency, run time, payload
+// size), defers tasks that do not fit without spending their retries, and
+// exports a Prometheus metric for every decision.
+//
+// # Quick start
+//
+// Swap asynq.NewServer for NewServer, or apply Middleware and ServerConfig
+// to a server you build yourself:
+//
+//	limits := asynqlimit.Limits{
+//		Queues: map[string]asynqlimit.Budget{
+//			"critical": {Concurrency: 8, Priority: 2},
+//			"low":      {Concurrency: 2, Timeout: 30 * time.Second, MaxPayload: 64 << 10},
+//		},
+//		Default: asynqlimit.Budget{Concurrency: 4},
+//	}
+//	reg := prometheus.NewRegistry()
+//	redis := asynq.RedisClientOpt{Addr: "127.0.0.1:6379"}
+//	srv, err := asynqlimit.NewServer(redis, asynq.Config{
+//		Concurrency: 16,
+//		Queues:      map[string]int{"critical": 6, "default": 3, "low": 1},
+//	}, limits, asynqlimit.WithRegisterer(reg), asynqlimit.WithLogger(slog.Default()))
+//	if err != nil {
+//		log.Fatal(err) // a *ConfigError lists every invalid field
+//	}
+//	go http.ListenAndServe("127.0.0.1:2112", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+//	mux := asynq.NewServeMux()
+//	mux.HandleFunc("email:send", sendEmail)
+//	if err := srv.Run(mux); err != nil {
+//		log.Fatal(err)
+//	}
+//
+// With a server of your own:
+//
+//	l, err := asynqlimit.New(limits, asynqlimit.WithRegisterer(reg))
+//	...
+//	srv := asynq.NewServer(redis, l.ServerConfig(cfg))
+//	mux.Use(l.Middleware()) // first, so it runs outermost
+//
+// # Budgets
+//
+// Limits maps queue names to a Budget; Default applies to every other queue.
+// Concurrency caps the handlers of a queue that run at once in this process,
+// counting handlers that ignore their context until they really return.
+// Timeout is both the default and the maximum run time of a task, and works
+// below one second, which asynq's own timeouts do not. MaxPayload archives a
+// task whose payload is too large, without running it.
+//
+// # Deferral
+//
+// asynq has dequeued a task before any middleware runs, so a task whose queue
+// is full is handed back: the handler returns a *DeferError, which wraps
+// ErrOverBudget. The config returned by ServerConfig makes asynq move it to
+// the retry set without incrementing Retried, wait the delay the deferral
+// chose (which backs off while the queue stays full), and keep it from the
+// ErrorHandler. asynq archives a task on its last attempt on any error, so
+// such a task is never deferred: it waits for room instead, until its context
+// ends.
+//
+// # Observe mode
+//
+// With Mode: Observe every decision is made, counted and logged, but every
+// task runs. Use it to tune limits on production traffic.
+//
+// # Metrics
+//
+// With WithRegisterer the Limiter registers (namespace asynqlimit):
+// tasks_in_flight, tasks_total{outcome}, deferrals_total{reason},
+// rejections_total{reason}, waits_total, task_duration_seconds,
+// abandoned_tasks and queue_concurrency_limit, each with a queue label that
+// is a configured queue name or "other". With an asynq.Inspector
+// (WithInspector, or NewServer with a registerer) it also reports asynq's own
+// queue sizes and latency, read at most once per WithInspectInterval.
+// Nothing is registered without a registerer, and never on the global
+// registry unless it is passed.
+//
+// # Logs
+//
+// Every deferral, rejection, timeout and abandoned handler is logged through
+// the *slog.Logger given with WithLogger, with the queue, task id, task type,
+// reason and the numbers compared, at most WithLogRate lines per queue.
+// Payloads are never logged.
+package asynqlimit

@@ -1,0 +1,87 @@
+package asynqlimit
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// ErrOverBudget is the errors.Is target of every deferral. A handler error
+// that matches it is not a failure: the wrapped asynq config moves the task
+// back to the retry set without spending one of its retries.
+var ErrOverBudget = errors.New("asynqlimit: over budget")
+
+// ErrPayloadTooLarge is the errors.Is target of the error returned for a
+// task whose payload is larger than its queue's MaxPayload.
+var ErrPayloadTooLarge = errors.New("asynqlimit: payload too large")
+
+// ErrTimedOut is the errors.Is target of the error returned when a task's
+// handler is still running at the end of its run time. The error also
+// matches context.DeadlineExceeded.
+var ErrTimedOut = errors.New("asynqlimit: task timed out")
+
+// Reason names why a task was deferred. It is the value of the reason label
+// of asynqlimit_deferrals_total.
+type Reason string
+
+// The reasons for a deferral. The budgets that produce ReasonCPU,
+// ReasonMemory, ReasonRate, ReasonPressure and ReasonFleet are not part of
+// this version, but their series exist so dashboards need no change when
+// they arrive.
+const (
+	ReasonConcurrency Reason = "concurrency"
+	ReasonCPU         Reason = "cpu"
+	ReasonMemory      Reason = "memory"
+	ReasonRate        Reason = "rate"
+	ReasonPressure    Reason = "pressure"
+	ReasonFleet       Reason = "fleet"
+)
+
+var allReasons = []Reason{
+	ReasonConcurrency, ReasonCPU, ReasonMemory, ReasonRate, ReasonPressure, ReasonFleet,
+}
+
+// DeferError is the error a handler returns when its task is deferred. It
+// wraps ErrOverBudget. Delay is how long asynq waits before it makes the task
+// pending again; the wrapped RetryDelayFunc returns it.
+type DeferError struct {
+	Queue  string
+	Reason Reason
+	Delay  time.Duration
+}
+
+// Error returns a message with the queue, the reason and the delay.
+func (e *DeferError) Error() string {
+	return fmt.Sprintf("asynqlimit: task deferred on queue %q (reason %s), retry in %s",
+		e.Queue, e.Reason, e.Delay)
+}
+
+// Unwrap returns ErrOverBudget.
+func (e *DeferError) Unwrap() error { return ErrOverBudget }
+
+// FieldError is one invalid field of a Limits value.
+type FieldError struct {
+	// Path locates the field, as in Queues["low"].Concurrency.
+	Path string
+	// Message says what is wrong and what a valid value is.
+	Message string
+}
+
+// Error returns the path followed by the message.
+func (e FieldError) Error() string { return e.Path + ": " + e.Message }
+
+// ConfigError lists every invalid field of a Limits value, so one run of New
+// reports them all.
+type ConfigError struct {
+	Fields []FieldError
+}
+
+// Error returns every field error, separated by semicolons.
+func (e *ConfigError) Error() string {
+	parts := make([]string, len(e.Fields))
+	for i, f := range e.Fields {
+		parts[i] = f.Error()
+	}
+	return "asynqlimit: invalid limits: " + strings.Join(parts, "; ")
+}

@@ -1,0 +1,163 @@
+package asynqlimit
+
+import (
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// Mode chooses whether a Limiter enforces its decisions.
+type Mode int
+
+const (
+	// Enforce defers, rejects and times out tasks as the budgets say. It is
+	// the zero value.
+	Enforce Mode = iota
+	// Observe makes, counts and logs every decision but runs every task, so
+	// limits can be tuned on production traffic before they are enforced.
+	// Timeouts still end the handler's context, because the handler runs
+	// under the same deadline in either mode.
+	Observe
+)
+
+// String returns "enforce" or "observe".
+func (m Mode) String() string {
+	switch m {
+	case Enforce:
+		return "enforce"
+	case Observe:
+		return "observe"
+	}
+	return fmt.Sprintf("Mode(%d)", int(m))
+}
+
+// Limits holds the budget of every queue a worker serves.
+type Limits struct {
+	// Queues maps a queue name to its budget.
+	Queues map[string]Budget
+	// Default is the budget of every queue not named in Queues. Each such
+	// queue gets its own copy of it: the Default concurrency caps each
+	// queue, not all of them together. Their metrics share the label "other".
+	Default Budget
+	// Mode is Enforce (the zero value) or Observe.
+	Mode Mode
+}
+
+// Validate checks every field and returns a *ConfigError that lists each
+// invalid one, or nil.
+func (l Limits) Validate() error {
+	var fields []FieldError
+	names := make([]string, 0, len(l.Queues))
+	for name := range l.Queues {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+
+	for _, name := range names {
+		path := fmt.Sprintf("Queues[%q]", name)
+		if name == "" {
+			fields = append(fields, FieldError{path, "queue name must not be empty; remove the entry or name the queue"})
+		}
+		if name == otherLabel {
+			fields = append(fields, FieldError{path, `"other" is the metrics label of unnamed queues; configure that queue through Default or rename it`})
+		}
+		fields = append(fields, l.Queues[name].validate(path)...)
+	}
+	fields = append(fields, l.Default.validate("Default")...)
+	if l.Mode != Enforce && l.Mode != Observe {
+		fields = append(fields, FieldError{"Mode", fmt.Sprintf("must be Enforce or Observe, got %d", int(l.Mode))})
+	}
+
+	if len(fields) == 0 {
+		return nil
+	}
+	return &ConfigError{Fields: fields}
+}
+
+// Limiter applies Limits to the tasks of one asynq server. Create it with
+// New; its methods are safe for concurrent use.
+type Limiter struct {
+	limits  Limits
+	logger  *slog.Logger
+	metrics *metrics
+
+	// named holds the configured queues. It is written only by New, so the
+	// middleware reads it without a lock.
+	named map[string]*queueState
+	// unnamed holds the queues that run under the Default budget, created
+	// when their first task arrives.
+	unnamed sync.Map
+
+	// runs pools taskRun values of handlers that returned in time.
+	runs sync.Pool
+
+	inspector      *asynq.Inspector
+	ownsInspector  bool
+	abandonGrace   time.Duration
+	logEvery       time.Duration
+	logBurst       int
+	closeOnce      sync.Once
+	closeInspector error
+}
+
+// New validates limits and returns a Limiter. The error is a *ConfigError
+// when limits has invalid fields, or the error of registering the metrics.
+func New(limits Limits, opts ...Option) (*Limiter, error) {
+	if err := limits.Validate(); err != nil {
+		return nil, err
+	}
+	o := defaultOptions()
+	for _, opt := range opts {
+		opt.apply(&o)
+	}
+
+	l := &Limiter{
+		limits:        limits,
+		logger:        o.logger,
+		named:         make(map[string]*queueState, len(limits.Queues)),
+		inspector:     o.inspector,
+		ownsInspector: o.ownsInspector,
+		abandonGrace:  o.abandonGrace,
+		logEvery:      o.logEvery,
+		logBurst:      o.logBurst,
+	}
+	m, err := newMetrics(o.registerer, limits, o.inspector, o.inspectTTL, o.logger)
+	if err != nil {
+		return nil, err
+	}
+	l.metrics = m
+	for name, b := range limits.Queues {
+		l.named[name] = l.newQueueState(name, name, b)
+	}
+	l.logger.Info("asynqlimit: limiter started", "mode", limits.Mode.String(), "queues", len(limits.Queues))
+	return l, nil
+}
+
+// Close unregisters nothing and stops nothing that tasks need: running
+// handlers keep their budgets until they return. It closes the Inspector
+// that NewServer created for the queue metrics. Close is idempotent.
+func (l *Limiter) Close() error {
+	l.closeOnce.Do(func() {
+		if l.ownsInspector && l.inspector != nil {
+			l.closeInspector = l.inspector.Close()
+		}
+	})
+	return l.closeInspector
+}
+
+// queue returns the state of the named queue, creating it from the Default
+// budget when the name is not configured.
+func (l *Limiter) queue(name string) *queueState {
+	if q, ok := l.named[name]; ok {
+		return q
+	}
+	if q, ok := l.unnamed.Load(name); ok {
+		return q.(*queueState)
+	}
+	q, _ := l.unnamed.LoadOrStore(name, l.newQueueState(name, otherLabel, l.limits.Default))
+	return q.(*queueState)
+}

@@ -1,0 +1,165 @@
+package asynqlimit
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+const namespace = "asynqlimit"
+
+// otherLabel is the queue label of every queue not named in Limits.Queues,
+// so that queue names chosen by whoever enqueues cannot create series.
+const otherLabel = "other"
+
+// Outcome is how a task handled by the middleware ended. It is the value of
+// the outcome label of asynqlimit_tasks_total.
+type Outcome int
+
+// The outcomes, in the order of their label values.
+const (
+	OutcomeSucceeded Outcome = iota
+	OutcomeFailed
+	OutcomeDeferred
+	OutcomeRejected
+	OutcomeTimedOut
+	OutcomePreempted
+	numOutcomes
+)
+
+var outcomeLabels = [numOutcomes]string{
+	"succeeded", "failed", "deferred", "rejected", "timed_out", "preempted",
+}
+
+// String returns the label value of o.
+func (o Outcome) String() string {
+	if o < 0 || o >= numOutcomes {
+		return fmt.Sprintf("Outcome(%d)", int(o))
+	}
+	return outcomeLabels[o]
+}
+
+// rejectPayload is the only reason label of asynqlimit_rejections_total in
+// this version.
+const rejectPayload = "payload"
+
+// durationBuckets spans 5ms to about 20 minutes, the range of task run times
+// from quick jobs to long batch work.
+var durationBuckets = prometheus.ExponentialBuckets(0.005, 2.5, 12)
+
+// metrics holds the vectors of one Limiter.
+type metrics struct {
+	inFlight    *prometheus.GaugeVec
+	tasks       *prometheus.CounterVec
+	deferrals   *prometheus.CounterVec
+	rejections  *prometheus.CounterVec
+	duration    *prometheus.HistogramVec
+	abandoned   *prometheus.GaugeVec
+	concurrency *prometheus.GaugeVec
+	waits       *prometheus.CounterVec
+}
+
+// queueMetrics holds the series of one queue label, resolved once so the
+// middleware does no label lookups.
+type queueMetrics struct {
+	inFlight  prometheus.Gauge
+	abandoned prometheus.Gauge
+	duration  prometheus.Observer
+	outcomes  [numOutcomes]prometheus.Counter
+	deferrals map[Reason]prometheus.Counter
+	rejected  prometheus.Counter
+	waits     prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector, inspectTTL time.Duration, logger *slog.Logger) (*metrics, error) {
+	queue := []string{"queue"}
+	m := &metrics{
+		inFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "tasks_in_flight",
+			Help: "Handlers running now, abandoned ones included.",
+		}, queue),
+		tasks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "tasks_total",
+			Help: "Tasks handled by the middleware, by outcome.",
+		}, []string{"queue", "outcome"}),
+		deferrals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "deferrals_total",
+			Help: "Deferral decisions by reason; in observe mode the task ran anyway.",
+		}, []string{"queue", "reason"}),
+		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "rejections_total",
+			Help: "Rejection decisions by reason; in observe mode the task ran anyway.",
+		}, []string{"queue", "reason"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "task_duration_seconds",
+			Help:    "Handler wall time, measured until the handler really returned.",
+			Buckets: durationBuckets,
+		}, queue),
+		abandoned: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "abandoned_tasks",
+			Help: "Handlers still running after their context ended.",
+		}, queue),
+		concurrency: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "queue_concurrency_limit",
+			Help: "Concurrency budget of the queue in this process; 0 means no cap.",
+		}, queue),
+		waits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "waits_total",
+			Help: "Tasks on their last attempt that waited for room instead of being deferred.",
+		}, queue),
+	}
+
+	m.concurrency.WithLabelValues(otherLabel).Set(float64(limits.Default.Concurrency))
+	m.forQueue(otherLabel)
+	for name, b := range limits.Queues {
+		m.concurrency.WithLabelValues(name).Set(float64(b.Concurrency))
+		m.forQueue(name)
+	}
+
+	if reg == nil {
+		return m, nil
+	}
+	collectors := []prometheus.Collector{
+		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits,
+	}
+	if insp != nil {
+		collectors = append(collectors, newQueueCollector(insp, limits.label, inspectTTL, logger))
+	}
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("asynqlimit: register metrics: %w (is another Limiter registered on the same registry?)", err)
+		}
+	}
+	return m, nil
+}
+
+// forQueue resolves, and so creates at zero, every series of one queue label.
+func (m *metrics) forQueue(label string) queueMetrics {
+	qm := queueMetrics{
+		inFlight:  m.inFlight.WithLabelValues(label),
+		abandoned: m.abandoned.WithLabelValues(label),
+		duration:  m.duration.WithLabelValues(label),
+		deferrals: make(map[Reason]prometheus.Counter, len(allReasons)),
+		rejected:  m.rejections.WithLabelValues(label, rejectPayload),
+		waits:     m.waits.WithLabelValues(label),
+	}
+	for o := range numOutcomes {
+		qm.outcomes[o] = m.tasks.WithLabelValues(label, outcomeLabels[o])
+	}
+	for _, r := range allReasons {
+		qm.deferrals[r] = m.deferrals.WithLabelValues(label, string(r))
+	}
+	return qm
+}
+
+// label returns the metrics label of a queue: its name when it is configured,
+// otherwise "other".
+func (l Limits) label(queue string) string {
+	if _, ok := l.Queues[queue]; ok {
+		return queue
+	}
+	return otherLabel
+}

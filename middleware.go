@@ -1,0 +1,146 @@
+package asynqlimit
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// Middleware returns the asynq middleware that applies the budgets. Register
+// it first with asynq.ServeMux.Use so it runs outermost, and pass the server
+// config through ServerConfig so that deferrals do not spend retries.
+//
+// For each task it finds the queue's budget, rejects a payload over
+// MaxPayload, admits the task or defers it when the queue is full (or waits,
+// for a task on its last attempt), and runs the handler under the queue's
+// Timeout. The budget stays held until the handler really returns, even when
+// asynq has given up on it.
+func (l *Limiter) Middleware() asynq.MiddlewareFunc {
+	return func(next asynq.Handler) asynq.Handler {
+		return asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
+			return l.handle(ctx, t, next)
+		})
+	}
+}
+
+func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
+	name, _ := asynq.GetQueueName(ctx)
+	q := l.queue(name)
+	if err := l.checkPayload(ctx, q, t); err != nil {
+		return err
+	}
+	held, err := l.admit(ctx, q, t)
+	if err != nil {
+		return err
+	}
+	return l.run(ctx, q, t, next, held)
+}
+
+// checkPayload returns an error that makes asynq archive the task when its
+// payload is over the queue's MaxPayload.
+func (l *Limiter) checkPayload(ctx context.Context, q *queueState, t *asynq.Task) error {
+	limit, size := q.budget.MaxPayload, len(t.Payload())
+	if limit == 0 || size <= limit {
+		return nil
+	}
+
+	q.metrics.rejected.Inc()
+	l.logEvent(ctx, q, t, slog.LevelWarn, "asynqlimit: task rejected",
+		"reason", rejectPayload, "payload_bytes", size, "max_payload_bytes", limit, "mode", l.limits.Mode.String())
+	if l.limits.Mode == Observe {
+		return nil
+	}
+	q.metrics.outcomes[OutcomeRejected].Inc()
+	return fmt.Errorf("%w: the payload is %d bytes, over the MaxPayload of %d bytes of queue %q, "+
+		"so the task is archived without running; shrink the payload or raise MaxPayload: %w",
+		ErrPayloadTooLarge, size, limit, q.name, asynq.SkipRetry)
+}
+
+// admit takes a slot for the task or returns the error that defers it. held
+// reports whether a slot was taken, which is false for queues without a cap
+// and for tasks that observe mode lets through over budget.
+func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (held bool, err error) {
+	if q.tryAcquire() {
+		return q.slots != nil, nil
+	}
+
+	if l.limits.Mode == Observe {
+		q.metrics.deferrals[ReasonConcurrency].Inc()
+		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would be deferred; observe mode runs it",
+			"reason", ReasonConcurrency, "in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
+		return false, nil
+	}
+	if lastAttempt(ctx) {
+		return l.wait(ctx, q, t)
+	}
+	return false, l.deferTask(ctx, q, t, ReasonConcurrency)
+}
+
+// lastAttempt reports whether asynq would archive the task on any error, as
+// it does once Retried >= MaxRetry. A context without asynq's task metadata
+// counts as a last attempt, so a deferral can never lose such a task either.
+func lastAttempt(ctx context.Context) bool {
+	retried, ok := asynq.GetRetryCount(ctx)
+	if !ok {
+		return true
+	}
+	maxRetry, ok := asynq.GetMaxRetry(ctx)
+	return !ok || retried >= maxRetry
+}
+
+// wait blocks until the queue has room or ctx ends. Tasks that wait are
+// admitted in arrival order, before any task that arrives after them.
+func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool, error) {
+	q.metrics.waits.Inc()
+	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task waits for room because it is on its last attempt",
+		"in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
+
+	start := time.Now()
+	if err := q.slots.Acquire(ctx, 1); err != nil {
+		waited := time.Since(start)
+		q.metrics.outcomes[outcomeOf(err, err)].Inc()
+		l.logEvent(ctx, q, t, slog.LevelError,
+			"asynqlimit: task's context ended while it waited for room; asynq archives it because it is on its last attempt",
+			"waited", waited, "limit", q.budget.Concurrency, "error", err)
+		return false, fmt.Errorf("asynqlimit: task waited %s for room on queue %q (concurrency %d) until its context ended; "+
+			"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
+			waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
+	}
+	return true, nil
+}
+
+// deferTask counts and logs a deferral and returns the *DeferError that
+// makes asynq retry the task later without spending a retry.
+func (l *Limiter) deferTask(ctx context.Context, q *queueState, t *asynq.Task, reason Reason) error {
+	delay := q.deferDelay(time.Now())
+	q.metrics.deferrals[reason].Inc()
+	q.metrics.outcomes[OutcomeDeferred].Inc()
+	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task deferred",
+		"reason", reason, "in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency, "delay", delay)
+	return &DeferError{Queue: q.name, Reason: reason, Delay: delay}
+}
+
+// logEvent logs one enforcement event of a task, unless the queue's log rate
+// is used up; the lines held back are counted in the next line written. It
+// never logs the payload.
+func (l *Limiter) logEvent(ctx context.Context, q *queueState, t *asynq.Task, level slog.Level, msg string, attrs ...any) {
+	if !l.logger.Enabled(ctx, level) {
+		return
+	}
+	if !q.logs.Allow() {
+		q.suppressed.Add(1)
+		return
+	}
+
+	id, _ := asynq.GetTaskID(ctx)
+	args := make([]any, 0, len(attrs)+8)
+	args = append(args, "queue", q.name, "task_id", id, "task_type", t.Type())
+	args = append(args, attrs...)
+	if n := q.suppressed.Swap(0); n > 0 {
+		args = append(args, "suppressed", n)
+	}
+	l.logger.Log(ctx, level, msg, args...)
+}

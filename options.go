@@ -1,0 +1,109 @@
+package asynqlimit
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Option configures a Limiter. The zero set of options registers no
+// metrics, discards logs and reads no queue sizes.
+type Option interface {
+	apply(*options)
+}
+
+type optionFunc func(*options)
+
+func (f optionFunc) apply(o *options) { f(o) }
+
+type options struct {
+	registerer    prometheus.Registerer
+	logger        *slog.Logger
+	inspector     *asynq.Inspector
+	ownsInspector bool
+	inspectTTL    time.Duration
+	abandonGrace  time.Duration
+	logEvery      time.Duration
+	logBurst      int
+}
+
+// Defaults of the options.
+const (
+	DefaultInspectInterval = 5 * time.Second
+	DefaultAbandonGrace    = 100 * time.Millisecond
+	DefaultLogInterval     = time.Second
+	DefaultLogBurst        = 10
+)
+
+func defaultOptions() options {
+	return options{
+		logger:       slog.New(slog.DiscardHandler),
+		inspectTTL:   DefaultInspectInterval,
+		abandonGrace: DefaultAbandonGrace,
+		logEvery:     DefaultLogInterval,
+		logBurst:     DefaultLogBurst,
+	}
+}
+
+// WithRegisterer registers the Limiter's metrics on r. Without it, or with a
+// nil r, no metric is registered anywhere; the global registry is never used
+// unless it is passed here.
+func WithRegisterer(r prometheus.Registerer) Option {
+	return optionFunc(func(o *options) { o.registerer = r })
+}
+
+// WithLogger sends the Limiter's logs to logger. Without it, or with a nil
+// logger, logs are discarded.
+func WithLogger(logger *slog.Logger) Option {
+	return optionFunc(func(o *options) {
+		if logger != nil {
+			o.logger = logger
+		}
+	})
+}
+
+// WithInspector reports asynq's own queue sizes and latency, read through
+// insp, as the metrics asynqlimit_queue_tasks, asynqlimit_queue_latency_seconds
+// and asynqlimit_queue_paused. It needs WithRegisterer. The caller keeps
+// ownership of insp; NewServer creates and closes its own.
+func WithInspector(insp *asynq.Inspector) Option {
+	return optionFunc(func(o *options) { o.inspector = insp })
+}
+
+// WithInspectInterval sets how long a reading of the queue sizes is reused,
+// so that a scrape costs at most one round of inspector calls per d. If zero
+// or less, DefaultInspectInterval.
+func WithInspectInterval(d time.Duration) Option {
+	return optionFunc(func(o *options) {
+		if d > 0 {
+			o.inspectTTL = d
+		}
+	})
+}
+
+// WithAbandonGrace sets how long a handler may take to return after its
+// context ended before it counts as abandoned: a handler that checks its
+// context needs a moment to notice. If negative, DefaultAbandonGrace.
+func WithAbandonGrace(d time.Duration) Option {
+	return optionFunc(func(o *options) {
+		if d >= 0 {
+			o.abandonGrace = d
+		}
+	})
+}
+
+// WithLogRate allows burst log lines per queue at once and then one per
+// every. The lines held back are counted in the next one written. If every
+// or burst is zero or less, the default is used.
+func WithLogRate(every time.Duration, burst int) Option {
+	return optionFunc(func(o *options) {
+		if every > 0 {
+			o.logEvery = every
+		}
+		if burst > 0 {
+			o.logBurst = burst
+		}
+	})
+}

@@ -1,0 +1,228 @@
+package asynqlimit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"sync/atomic"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// The states of a taskRun. The handler goroutine moves running to finished
+// when it returns in time; the middleware moves running to abandoned when it
+// stops waiting. Whichever swap succeeds decides who reports the result.
+const (
+	runRunning int32 = iota
+	runFinished
+	runAbandoned
+)
+
+// taskRun is one handler call, run in its own goroutine so the middleware
+// can return at the deadline while a handler that ignores its context goes
+// on, still holding its budget.
+type taskRun struct {
+	l     *Limiter
+	q     *queueState
+	task  *asynq.Task
+	next  asynq.Handler
+	ctx   *runCtx
+	held  bool
+	start time.Time
+	state atomic.Int32
+	done  chan runResult
+	// timer fires at the budget's deadline and then after the grace period.
+	// It stays with the run when the run is recycled.
+	timer *time.Timer
+}
+
+type runResult struct {
+	err      error
+	panicked bool
+	panicVal any
+	stack    []byte
+}
+
+// run runs next under the queue's timeout and returns what asynq should see.
+func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next asynq.Handler, held bool) error {
+	start := time.Now()
+	deadline, ok := budgetDeadline(ctx, start, q.budget.Timeout)
+	r := l.newRun(q, t, next, held, start)
+	r.ctx = newRunCtx(ctx, deadline, ok)
+	var expired <-chan time.Time
+	if ok {
+		r.timer.Reset(deadline.Sub(start))
+		expired = r.timer.C
+	}
+
+	q.inFlight.Add(1)
+	q.metrics.inFlight.Inc()
+	go r.execute()
+
+	var res runResult
+	select {
+	case res = <-r.done:
+	case <-expired:
+		r.ctx.cancel(context.DeadlineExceeded)
+		if res, ok = r.awaitGrace(l.abandonGrace); !ok {
+			return l.abandon(r)
+		}
+	case <-ctx.Done():
+		r.ctx.cancel(ctx.Err())
+		if res, ok = r.awaitGrace(l.abandonGrace); !ok {
+			return l.abandon(r)
+		}
+	}
+	r.timer.Stop()
+	// Like the cancel function of context.WithDeadline: whatever the handler
+	// left running on its context stops when the task ends.
+	r.ctx.cancel(context.Canceled)
+
+	if res.panicked {
+		// Panicking again lets asynq's own recovery record the panic.
+		q.metrics.outcomes[OutcomeFailed].Inc()
+		l.recycle(r)
+		panic(res.panicVal)
+	}
+	err := l.report(r, res.err)
+	l.recycle(r)
+	return err
+}
+
+// budgetDeadline returns start + timeout, and whether it is earlier than the
+// deadline of ctx. A zero timeout sets no deadline.
+func budgetDeadline(ctx context.Context, start time.Time, timeout time.Duration) (time.Time, bool) {
+	if timeout <= 0 {
+		return time.Time{}, false
+	}
+	deadline := start.Add(timeout)
+	if d, ok := ctx.Deadline(); ok && !deadline.Before(d) {
+		return time.Time{}, false
+	}
+	return deadline, true
+}
+
+func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, held bool, start time.Time) *taskRun {
+	r, _ := l.runs.Get().(*taskRun)
+	if r == nil {
+		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour)}
+		r.timer.Stop()
+	}
+	r.q, r.task, r.next, r.held, r.start = q, t, next, held, start
+	r.state.Store(runRunning)
+	return r
+}
+
+// recycle returns a run whose handler returned in time to the pool. An
+// abandoned run is never recycled, because its goroutine still uses it.
+func (l *Limiter) recycle(r *taskRun) {
+	r.q, r.task, r.next, r.ctx = nil, nil, nil, nil
+	l.runs.Put(r)
+}
+
+// execute calls the handler, releases the budget, and hands the result to
+// the middleware, or logs it when the middleware has given up on it.
+func (r *taskRun) execute() {
+	res := r.call()
+	elapsed := time.Since(r.start)
+	r.q.finish(r.held, elapsed)
+	if r.state.CompareAndSwap(runRunning, runFinished) {
+		r.done <- res
+		return
+	}
+	r.l.abandonedReturned(r, res, elapsed)
+}
+
+// call runs the handler and turns a panic into a result, because a panic in
+// this goroutine would escape asynq's recovery and end the process.
+func (r *taskRun) call() (res runResult) {
+	defer func() {
+		if v := recover(); v != nil {
+			res = runResult{err: fmt.Errorf("asynqlimit: handler panicked: %v", v), panicked: true, panicVal: v, stack: debug.Stack()}
+			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler panicked",
+				"panic", fmt.Sprint(v), "stack", string(res.stack))
+		}
+	}()
+	return runResult{err: r.next.ProcessTask(r.ctx, r.task)}
+}
+
+// awaitGrace gives a handler whose context has ended a moment to return.
+// finished is false when the handler was marked abandoned.
+func (r *taskRun) awaitGrace(grace time.Duration) (res runResult, finished bool) {
+	if grace > 0 {
+		r.timer.Reset(grace)
+		select {
+		case res = <-r.done:
+			return res, true
+		case <-r.timer.C:
+		}
+	}
+	if r.state.CompareAndSwap(runRunning, runAbandoned) {
+		return runResult{}, false
+	}
+	return <-r.done, true
+}
+
+// report counts and logs the outcome of a handler that returned in time and
+// returns its error unchanged.
+func (l *Limiter) report(r *taskRun, err error) error {
+	outcome := outcomeOf(err, r.ctx.Err())
+	r.q.metrics.outcomes[outcome].Inc()
+	if outcome == OutcomeTimedOut {
+		l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn, "asynqlimit: task timed out",
+			"elapsed", time.Since(r.start), "timeout", r.q.budget.Timeout, "error", err)
+	}
+	return err
+}
+
+// outcomeOf classifies a handler error given the error of its context.
+func outcomeOf(err, ctxErr error) Outcome {
+	switch {
+	case err == nil:
+		return OutcomeSucceeded
+	case errors.Is(ctxErr, context.DeadlineExceeded):
+		return OutcomeTimedOut
+	default:
+		return OutcomeFailed
+	}
+}
+
+// abandon counts a handler that is still running after its context ended
+// and returns the error that lets asynq move on. The handler keeps its
+// budget until it returns.
+func (l *Limiter) abandon(r *taskRun) error {
+	q, ctxErr := r.q, r.ctx.Err()
+	elapsed := time.Since(r.start)
+	q.metrics.abandoned.Inc()
+	q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
+	l.logEvent(r.ctx, q, r.task, slog.LevelWarn,
+		"asynqlimit: handler ignores its context and is still running; its budget stays held until it returns",
+		"elapsed", elapsed, "timeout", q.budget.Timeout, "error", ctxErr)
+
+	if errors.Is(ctxErr, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: handler on queue %q still running %s after it started; make the handler return when its context ends: %w",
+			ErrTimedOut, q.name, elapsed.Round(time.Millisecond), ctxErr)
+	}
+	return fmt.Errorf("asynqlimit: handler on queue %q still running after its context was canceled: %w", q.name, ctxErr)
+}
+
+// abandonedReturned accounts for an abandoned handler that has returned at
+// last.
+func (l *Limiter) abandonedReturned(r *taskRun, res runResult, elapsed time.Duration) {
+	r.q.metrics.abandoned.Dec()
+	l.logEvent(r.ctx, r.q, r.task, slog.LevelInfo, "asynqlimit: abandoned handler returned",
+		"elapsed", elapsed, "error", res.err)
+}
+
+// finish releases what a run held and records its wall time.
+func (q *queueState) finish(held bool, elapsed time.Duration) {
+	q.metrics.duration.Observe(elapsed.Seconds())
+	q.inFlight.Add(-1)
+	q.metrics.inFlight.Dec()
+	if held {
+		q.release()
+	}
+}
