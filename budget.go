@@ -46,9 +46,10 @@ type Budget struct {
 	// DeferDelay is the delay of the first deferral after the queue becomes
 	// full. While the queue stays full the delay doubles each DeferDelay,
 	// up to MaxDeferDelay, and each delay gets up to 50% random jitter.
-	// If zero, DefaultDeferDelay. asynq moves a deferred task back to
-	// pending on its DelayedTaskCheckInterval tick (5s unless set), so
-	// shorter delays are rounded up to that tick.
+	// If zero, DefaultDeferDelay. asynq (v0.26.0) stores the retry time in
+	// whole seconds and moves a deferred task back to pending on its
+	// DelayedTaskCheckInterval tick (5s unless set), so delays are in effect
+	// rounded to those steps and jitter below one second is lost.
 	DeferDelay time.Duration
 	// MaxDeferDelay caps the deferral delay. If zero, DefaultMaxDeferDelay.
 	MaxDeferDelay time.Duration
@@ -106,10 +107,13 @@ type queueState struct {
 	fullSince atomic.Int64
 
 	metrics queueMetrics
-	logs    *rate.Limiter
-	// suppressed counts the log lines that logs held back since the last one
-	// written.
-	suppressed atomic.Int64
+	// logs limits the log lines of the queue: index 0 for info and debug
+	// lines, 1 for warnings and errors, so that a flood of deferrals cannot
+	// hide a rejection or an abandoned handler.
+	logs [2]*rate.Limiter
+	// suppressed counts the log lines that each of logs held back since the
+	// last one written.
+	suppressed [2]atomic.Int64
 }
 
 func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
@@ -118,7 +122,10 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 		label:   label,
 		budget:  b,
 		metrics: l.metrics.forQueue(label),
-		logs:    rate.NewLimiter(rate.Every(l.logEvery), l.logBurst),
+		logs: [2]*rate.Limiter{
+			rate.NewLimiter(rate.Every(l.logEvery), l.logBurst),
+			rate.NewLimiter(rate.Every(l.logEvery), l.logBurst),
+		},
 	}
 	if b.Concurrency > 0 {
 		q.slots = semaphore.NewWeighted(int64(b.Concurrency))

@@ -185,7 +185,7 @@ func TestLogRateLimit(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	l.queue("").logs.SetLimit(rate.Inf) // let the next line through to report the suppressed count
+	l.queue("").logs[1].SetLimit(rate.Inf) // let the next line through to report the suppressed count
 	if err := h.ProcessTask(context.Background(), asynq.NewTask("t", []byte("hidden-payload"))); err != nil {
 		t.Fatal(err)
 	}
@@ -204,5 +204,26 @@ func TestLogRateLimit(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("logs lack %q:\n%s", want, out)
 		}
+	}
+}
+
+func TestLogRateLimitKeepsWarnings(t *testing.T) {
+	logs := &syncBuffer{}
+	l, err := New(Limits{}, WithLogger(slog.New(slog.NewTextHandler(logs, nil))), WithLogRate(time.Hour, 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q, task, ctx := l.queue("q"), asynq.NewTask("t", nil), context.Background()
+	for range 5 {
+		l.logEvent(ctx, q, task, slog.LevelInfo, "info event")
+	}
+	l.logEvent(ctx, q, task, slog.LevelWarn, "warning event")
+
+	out := logs.String()
+	if n := strings.Count(out, "info event"); n != 2 {
+		t.Errorf("info lines = %d, want the burst of 2:\n%s", n, out)
+	}
+	if n := strings.Count(out, "warning event"); n != 1 {
+		t.Errorf("warning lines = %d, want 1 after an info flood:\n%s", n, out)
 	}
 }

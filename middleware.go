@@ -109,6 +109,7 @@ func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool,
 			"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
 			waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
 	}
+	q.fullSince.Store(0)
 	return true, nil
 }
 
@@ -130,8 +131,12 @@ func (l *Limiter) logEvent(ctx context.Context, q *queueState, t *asynq.Task, le
 	if !l.logger.Enabled(ctx, level) {
 		return
 	}
-	if !q.logs.Allow() {
-		q.suppressed.Add(1)
+	class := 0
+	if level >= slog.LevelWarn {
+		class = 1
+	}
+	if !q.logs[class].Allow() {
+		q.suppressed[class].Add(1)
 		return
 	}
 
@@ -139,7 +144,7 @@ func (l *Limiter) logEvent(ctx context.Context, q *queueState, t *asynq.Task, le
 	args := make([]any, 0, len(attrs)+8)
 	args = append(args, "queue", q.name, "task_id", id, "task_type", t.Type())
 	args = append(args, attrs...)
-	if n := q.suppressed.Swap(0); n > 0 {
+	if n := q.suppressed[class].Swap(0); n > 0 {
 		args = append(args, "suppressed", n)
 	}
 	l.logger.Log(ctx, level, msg, args...)
