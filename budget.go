@@ -16,7 +16,8 @@ const (
 	DefaultMaxDeferDelay = time.Minute
 )
 
-// Budget is what the tasks of one queue may use in this process.
+// Budget is the set of limits on what the tasks of one queue may use in this
+// process.
 //
 // A task whose queue is full is deferred: it goes back to asynq's retry set
 // without spending a retry and comes back after a delay. A task on its last
@@ -149,11 +150,6 @@ func (q *queueState) release() {
 	if q.slots != nil {
 		q.slots.Release(1)
 	}
-}
-
-// full reports whether the queue has no free slot, without taking one.
-func (q *queueState) full() bool {
-	return q.budget.Concurrency > 0 && q.inFlight.Load() >= int64(q.budget.Concurrency)
 }
 
 // deferDelay returns the delay for a deferral at now: DeferDelay doubled

@@ -12,10 +12,10 @@ import (
 const namespace = "asynqlimit"
 
 // otherLabel is the queue label of every queue not named in Limits.Queues,
-// so that queue names chosen by whoever enqueues cannot create series.
+// so that queue names chosen by producers cannot create series.
 const otherLabel = "other"
 
-// Outcome is how a task handled by the middleware ended. It is the value of
+// Outcome is the end state of a task handled by the middleware. It is the value of
 // the outcome label of asynqlimit_tasks_total.
 type Outcome int
 

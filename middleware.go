@@ -13,10 +13,10 @@ import (
 // it first with asynq.ServeMux.Use so it runs outermost, and pass the server
 // config through ServerConfig so that deferrals do not spend retries.
 //
-// For each task it finds the queue's budget, rejects a payload over
-// MaxPayload, admits the task or defers it when the queue is full (or waits,
-// for a task on its last attempt), and runs the handler under the queue's
-// Timeout. The budget stays held until the handler really returns, even when
+// For each task it finds the queue's budget and rejects a payload over
+// MaxPayload. It admits the task, or defers it when the queue is full; a task
+// on its last attempt waits instead. It then runs the handler under the
+// queue's Timeout. The budget stays held until the handler really returns, even when
 // asynq has given up on it.
 func (l *Limiter) Middleware() asynq.MiddlewareFunc {
 	return func(next asynq.Handler) asynq.Handler {
@@ -142,9 +142,9 @@ func (l *Limiter) deferTask(ctx context.Context, q *queueState, t *asynq.Task, r
 	return &DeferError{Queue: q.name, Reason: reason, Delay: delay}
 }
 
-// logEvent logs one enforcement event of a task, unless the queue's log rate
-// is used up; the lines held back are counted in the next line written. It
-// never logs the payload.
+// logEvent logs one enforcement event of a task unless the queue's log rate
+// is used up. The next line written counts the lines held back. It never
+// logs the payload.
 func (l *Limiter) logEvent(ctx context.Context, q *queueState, t *asynq.Task, level slog.Level, msg string, attrs ...any) {
 	if !l.logger.Enabled(ctx, level) {
 		return
