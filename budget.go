@@ -24,9 +24,9 @@ const (
 // attempt (Retried >= MaxRetry, which includes every task enqueued with
 // asynq.MaxRetry(0)) cannot be deferred, because asynq archives such a task on
 // any error. It waits in the middleware for room instead, holding one of the
-// server's Config.Concurrency workers. If no room comes within half the time
-// left before its deadline, it runs over the concurrency budget rather than
-// be archived, and asynqlimit_over_budget_runs_total counts it.
+// server's Config.Concurrency workers, until its context ends. If the
+// context ends first, asynq archives the task, as it archives any
+// last-attempt task that times out.
 type Budget struct {
 	// Concurrency is the maximum number of handlers of the queue that run at
 	// once in this process, abandoned handlers included. If zero, the queue

@@ -55,8 +55,8 @@
 // the retry set without incrementing Retried, wait the delay the deferral
 // chose (which backs off while the queue stays full), and keep it from the
 // ErrorHandler. asynq archives a task on its last attempt on any error, so
-// such a task is never deferred: it waits for room instead, for at most half
-// the time left before its deadline, and then runs over budget.
+// such a task is never deferred: it waits for room instead, until its context
+// ends.
 //
 // # Observe mode
 //
@@ -67,9 +67,9 @@
 //
 // With WithRegisterer the Limiter registers (namespace asynqlimit):
 // tasks_in_flight, tasks_total{outcome}, deferrals_total{reason},
-// rejections_total{reason}, waits_total, over_budget_runs_total,
-// task_duration_seconds, abandoned_tasks and queue_concurrency_limit, each
-// with a queue label that is a configured queue name or "other". With an asynq.Inspector
+// rejections_total{reason}, waits_total, task_duration_seconds,
+// abandoned_tasks and queue_concurrency_limit, each with a queue label that
+// is a configured queue name or "other". With an asynq.Inspector
 // (WithInspector, or NewServer with a registerer) it also reports asynq's own
 // queue sizes and latency, read at most once per WithInspectInterval.
 // Nothing is registered without a registerer, and never on the global

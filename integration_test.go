@@ -367,38 +367,3 @@ func TestFailedHandlerCounted(t *testing.T) {
 		t.Errorf("tasks_total{failed} = %v, want 1", got)
 	}
 }
-
-func TestLastAttemptRunsOverBudgetNearDeadline(t *testing.T) {
-	h := newHarness(t, Limits{Queues: map[string]Budget{"q": {Concurrency: 1}}}, asynq.Config{
-		Concurrency: 4,
-		Queues:      map[string]int{"q": 1},
-	})
-	hog := h.enqueue("q", "hog", nil, asynq.MaxRetry(0))
-	hogStarted := make(chan struct{})
-	mux := asynq.NewServeMux()
-	mux.HandleFunc("hog", func(context.Context, *asynq.Task) error {
-		close(hogStarted)
-		time.Sleep(2500 * time.Millisecond)
-		return nil
-	})
-	mux.HandleFunc("urgent", func(context.Context, *asynq.Task) error { return nil })
-	h.start(mux)
-	<-hogStarted
-	urgent := h.enqueue("q", "urgent", nil, asynq.MaxRetry(0), asynq.Timeout(2*time.Second))
-
-	waitFor(t, 10*time.Second, func() bool { return h.taskInfo("q", urgent.ID).State == asynq.TaskStateCompleted },
-		func() string {
-			info := h.taskInfo("q", urgent.ID)
-			return "urgent task is " + info.State.String() + ", last error " + info.LastErr
-		})
-	if got := h.taskInfo("q", hog.ID).State; got != asynq.TaskStateActive {
-		t.Errorf("hog state when the urgent task completed = %v, want still active", got)
-	}
-	if got := testutil.ToFloat64(h.srv.limiter.metrics.overBudget.WithLabelValues("q")); got != 1 {
-		t.Errorf("over_budget_runs_total = %v, want 1", got)
-	}
-	h.waitSettled("q", 10*time.Second)
-	if info := h.queueInfo("q"); info.Archived != 0 {
-		t.Errorf("archived = %d, want 0", info.Archived)
-	}
-}

@@ -60,20 +60,18 @@ type metrics struct {
 	abandoned   *prometheus.GaugeVec
 	concurrency *prometheus.GaugeVec
 	waits       *prometheus.CounterVec
-	overBudget  *prometheus.CounterVec
 }
 
 // queueMetrics holds the series of one queue label, resolved once so the
 // middleware does no label lookups.
 type queueMetrics struct {
-	inFlight   prometheus.Gauge
-	abandoned  prometheus.Gauge
-	duration   prometheus.Observer
-	outcomes   [numOutcomes]prometheus.Counter
-	deferrals  map[Reason]prometheus.Counter
-	rejected   prometheus.Counter
-	waits      prometheus.Counter
-	overBudget prometheus.Counter
+	inFlight  prometheus.Gauge
+	abandoned prometheus.Gauge
+	duration  prometheus.Observer
+	outcomes  [numOutcomes]prometheus.Counter
+	deferrals map[Reason]prometheus.Counter
+	rejected  prometheus.Counter
+	waits     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector, inspectTTL time.Duration, logger *slog.Logger) (*metrics, error) {
@@ -112,10 +110,6 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 			Namespace: namespace, Name: "waits_total",
 			Help: "Tasks on their last attempt that waited for room instead of being deferred.",
 		}, queue),
-		overBudget: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: namespace, Name: "over_budget_runs_total",
-			Help: "Tasks on their last attempt that ran over the concurrency budget because waiting longer would have let their deadline pass.",
-		}, queue),
 	}
 
 	m.concurrency.WithLabelValues(otherLabel).Set(float64(limits.Default.Concurrency))
@@ -129,7 +123,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 		return m, nil
 	}
 	collectors := []prometheus.Collector{
-		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.overBudget,
+		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits,
 	}
 	if insp != nil {
 		collectors = append(collectors, newQueueCollector(insp, limits.label, inspectTTL, logger))
@@ -145,13 +139,12 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 // forQueue resolves, and so creates at zero, every series of one queue label.
 func (m *metrics) forQueue(label string) queueMetrics {
 	qm := queueMetrics{
-		inFlight:   m.inFlight.WithLabelValues(label),
-		abandoned:  m.abandoned.WithLabelValues(label),
-		duration:   m.duration.WithLabelValues(label),
-		deferrals:  make(map[Reason]prometheus.Counter, len(allReasons)),
-		rejected:   m.rejections.WithLabelValues(label, rejectPayload),
-		waits:      m.waits.WithLabelValues(label),
-		overBudget: m.overBudget.WithLabelValues(label),
+		inFlight:  m.inFlight.WithLabelValues(label),
+		abandoned: m.abandoned.WithLabelValues(label),
+		duration:  m.duration.WithLabelValues(label),
+		deferrals: make(map[Reason]prometheus.Counter, len(allReasons)),
+		rejected:  m.rejections.WithLabelValues(label, rejectPayload),
+		waits:     m.waits.WithLabelValues(label),
 	}
 	for o := range numOutcomes {
 		qm.outcomes[o] = m.tasks.WithLabelValues(label, outcomeLabels[o])

@@ -91,44 +91,29 @@ func lastAttempt(ctx context.Context) bool {
 	return !ok || retried >= maxRetry
 }
 
-// wait blocks until the queue has room. Tasks that wait are admitted in
-// arrival order, before any task that arrives after them. A task waits at
-// most half the time left before its deadline and then runs over budget
-// (held is false), because asynq archives a last-attempt task whose deadline
-// passes while it waits.
-func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (held bool, err error) {
+// wait blocks until the queue has room or ctx ends. Tasks that wait are
+// admitted in arrival order, before any task that arrives after them.
+func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool, error) {
 	q.metrics.waits.Inc()
 	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task waits for room because it is on its last attempt",
 		"in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
 
 	start := time.Now()
-	waitCtx, cancel := ctx, context.CancelFunc(func() {})
-	if deadline, ok := ctx.Deadline(); ok {
-		waitCtx, cancel = context.WithDeadline(ctx, start.Add(deadline.Sub(start)/2))
+	if err := q.slots.Acquire(ctx, 1); err != nil {
+		// NOTE: asynq archives this task, as it does any last-attempt task
+		// whose context ends; waiting longer is not possible and running it
+		// over the cap would break the budget.
+		waited := time.Since(start)
+		q.metrics.outcomes[outcomeOf(err, err)].Inc()
+		l.logEvent(ctx, q, t, slog.LevelError,
+			"asynqlimit: task's context ended while it waited for room; asynq archives it because it is on its last attempt",
+			"waited", waited, "limit", q.budget.Concurrency, "error", err)
+		return false, fmt.Errorf("asynqlimit: task waited %s for room on queue %q (concurrency %d) until its context ended; "+
+			"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
+			waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
 	}
-	defer cancel()
-
-	err = q.slots.Acquire(waitCtx, 1)
-	waited := time.Since(start)
-	switch {
-	case err == nil:
-		q.fullSince.Store(0)
-		return true, nil
-	case ctx.Err() == nil:
-		q.metrics.overBudget.Inc()
-		l.logEvent(ctx, q, t, slog.LevelWarn,
-			"asynqlimit: task runs over the concurrency budget because waiting longer would let its deadline pass and asynq archive it",
-			"waited", waited, "in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
-		return false, nil
-	}
-
-	q.metrics.outcomes[outcomeOf(err, err)].Inc()
-	l.logEvent(ctx, q, t, slog.LevelError,
-		"asynqlimit: task's context ended while it waited for room; asynq archives it because it is on its last attempt",
-		"waited", waited, "limit", q.budget.Concurrency, "error", err)
-	return false, fmt.Errorf("asynqlimit: task waited %s for room on queue %q (concurrency %d) until its context ended; "+
-		"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
-		waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
+	q.fullSince.Store(0)
+	return true, nil
 }
 
 // deferTask counts and logs a deferral and returns the *DeferError that
