@@ -13,7 +13,7 @@ import (
 // Default deferral delays, used when a Budget leaves them zero.
 const (
 	DefaultDeferDelay    = time.Second
-	DefaultMaxDeferDelay = time.Minute
+	DefaultMaxDeferDelay = 10 * time.Second
 )
 
 // Budget is the set of limits on what the tasks of one queue may use in this
@@ -45,6 +45,8 @@ type Budget struct {
 	// Priority orders queues for shedding under process pressure: lower
 	// values are shed first. The zero value is the lowest priority that is
 	// not negative.
+	// NOTE: this version has no pressure shedding, so Priority has no effect
+	// yet.
 	Priority int
 	// DeferDelay is the delay of the first deferral after the queue becomes
 	// full. While the queue stays full the delay doubles each DeferDelay,
@@ -164,8 +166,11 @@ func (q *queueState) deferDelay(now time.Time) time.Duration {
 	base, limit := q.budget.deferDelay(), q.budget.maxDeferDelay()
 	delay := base
 	for steps := time.Duration(now.UnixNano()-since) / base; steps > 0 && delay < limit; steps-- {
+		if delay > limit/2 {
+			delay = limit // doubling would pass the limit, or overflow
+			break
+		}
 		delay *= 2
 	}
-	delay = min(delay, limit)
 	return delay - rand.N(delay/2+1)
 }

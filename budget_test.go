@@ -1,6 +1,7 @@
 package asynqlimit
 
 import (
+	"math"
 	"testing"
 	"time"
 )
@@ -52,6 +53,22 @@ func TestDeferDelayResetsWhenRoom(t *testing.T) {
 	q.release()
 	if got := q.deferDelay(start.Add(20 * time.Second)); got > time.Second {
 		t.Errorf("deferDelay after the queue had room = %s, want <= 1s", got)
+	}
+}
+
+func TestDeferDelayHugeLimit(t *testing.T) {
+	l, err := New(Limits{Default: Budget{Concurrency: 1, DeferDelay: time.Millisecond, MaxDeferDelay: math.MaxInt64}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := l.queue("q")
+	start := time.Unix(1000, 0)
+	q.deferDelay(start)
+	for after := time.Duration(0); after < time.Hour; after += 7 * time.Millisecond {
+		got := q.deferDelay(start.Add(after))
+		if got < time.Millisecond/2 {
+			t.Fatalf("deferDelay(%s after full) = %s, want >= 0.5ms: doubling overflowed", after, got)
+		}
 	}
 }
 

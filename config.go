@@ -2,7 +2,6 @@ package asynqlimit
 
 import (
 	"context"
-	"errors"
 	"runtime"
 	"time"
 
@@ -31,7 +30,7 @@ func (l *Limiter) ServerConfig(cfg asynq.Config) asynq.Config {
 
 func wrapIsFailure(user func(error) bool) func(error) bool {
 	return func(err error) bool {
-		if errors.Is(err, ErrOverBudget) {
+		if _, ok := isDeferral(err); ok {
 			return false
 		}
 		if user != nil {
@@ -46,8 +45,7 @@ func wrapRetryDelay(user asynq.RetryDelayFunc) asynq.RetryDelayFunc {
 		user = asynq.DefaultRetryDelayFunc
 	}
 	return func(n int, err error, t *asynq.Task) time.Duration {
-		var de *DeferError
-		if errors.As(err, &de) {
+		if de, ok := isDeferral(err); ok {
 			return de.Delay
 		}
 		return user(n, err, t)
@@ -56,7 +54,7 @@ func wrapRetryDelay(user asynq.RetryDelayFunc) asynq.RetryDelayFunc {
 
 func wrapErrorHandler(user asynq.ErrorHandler) asynq.ErrorHandler {
 	return asynq.ErrorHandlerFunc(func(ctx context.Context, t *asynq.Task, err error) {
-		if user == nil || errors.Is(err, ErrOverBudget) {
+		if _, ok := isDeferral(err); user == nil || ok {
 			return
 		}
 		user.HandleError(ctx, t, err)

@@ -24,7 +24,7 @@ func TestServerConfigWrapsUserFunctions(t *testing.T) {
 			handled = append(handled, err)
 		}),
 	})
-	deferral := fmt.Errorf("wrapped: %w", &DeferError{Queue: "low", Reason: ReasonConcurrency, Delay: 3 * time.Second})
+	deferral := fmt.Errorf("wrapped: %w", &DeferError{Queue: "low", Reason: ReasonConcurrency, Delay: 3 * time.Second, issued: true})
 	other := errors.New("boom")
 	task := asynq.NewTask("t", nil)
 
@@ -62,13 +62,30 @@ func TestServerConfigDefaults(t *testing.T) {
 	if !cfg.IsFailure(other) {
 		t.Errorf("IsFailure(other) = false without a user function, want true")
 	}
-	if cfg.IsFailure(&DeferError{}) {
+	if cfg.IsFailure(&DeferError{issued: true}) {
 		t.Errorf("IsFailure(deferral) = true, want false")
 	}
 	if got := cfg.RetryDelayFunc(3, other, task); got <= 0 {
 		t.Errorf("RetryDelayFunc(other) = %s without a user function, want asynq's positive default", got)
 	}
 	cfg.ErrorHandler.HandleError(context.Background(), task, other) // must not panic without a user handler
+}
+
+func TestHandlerDeferralIsFailure(t *testing.T) {
+	l, err := New(Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := l.ServerConfig(asynq.Config{})
+	for _, err := range []error{
+		ErrOverBudget,
+		fmt.Errorf("quota: %w", ErrOverBudget),
+		&DeferError{Queue: "q", Reason: ReasonRate, Delay: time.Second},
+	} {
+		if !cfg.IsFailure(err) {
+			t.Errorf("IsFailure(%v) = false, want true for an error a handler returned", err)
+		}
+	}
 }
 
 func TestDeferErrorMatches(t *testing.T) {

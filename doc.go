@@ -61,13 +61,14 @@
 // # Observe mode
 //
 // With Mode: Observe every decision is made, counted and logged, but every
-// task runs. Use it to tune limits on production traffic.
+// task runs, and a queue's Timeout does not end the handler's context. Use it
+// to tune limits on production traffic.
 //
 // # Metrics
 //
 // With WithRegisterer the Limiter registers (namespace asynqlimit):
 // tasks_in_flight, tasks_total{outcome}, deferrals_total{reason},
-// rejections_total{reason}, waits_total, task_duration_seconds,
+// rejections_total{reason}, waits_total, timeouts_total, task_duration_seconds,
 // abandoned_tasks and queue_concurrency_limit, each with a queue label that
 // is a configured queue name or "other". With an asynq.Inspector
 // (WithInspector, or NewServer with a registerer) it also reports asynq's own

@@ -42,13 +42,30 @@ var allReasons = []Reason{
 	ReasonConcurrency, ReasonCPU, ReasonMemory, ReasonRate, ReasonPressure, ReasonFleet,
 }
 
-// DeferError is the error a handler returns when its task is deferred. It
+// DeferError is the error the middleware returns when it defers a task. It
 // wraps ErrOverBudget. Delay is how long asynq waits before it makes the task
 // pending again; the wrapped RetryDelayFunc returns it.
+//
+// Only the DeferErrors that a Limiter creates are retry-neutral. A handler
+// that returns ErrOverBudget or a DeferError of its own fails as with any
+// other error, because a task that defers itself on every attempt would
+// never finish and never reach the ErrorHandler.
 type DeferError struct {
 	Queue  string
 	Reason Reason
 	Delay  time.Duration
+
+	// issued is true for the DeferErrors a Limiter creates.
+	issued bool
+}
+
+// isDeferral reports whether err is, or wraps, a deferral by a Limiter.
+func isDeferral(err error) (*DeferError, bool) {
+	var de *DeferError
+	if errors.As(err, &de) && de.issued {
+		return de, true
+	}
+	return nil, false
 }
 
 // Error returns a message with the queue, the reason and the delay.

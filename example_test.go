@@ -1,6 +1,7 @@
 package asynqlimit_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -28,21 +29,45 @@ func ExampleNew_invalid() {
 	// Queues["low"].Timeout: must be >= 0, got -1s (0 means the task's own deadline)
 }
 
-// A deferral is not a failure, and it chooses its own retry delay.
+// The middleware archives a task whose payload is over its queue's
+// MaxPayload, without running it.
+func ExampleLimiter_Middleware() {
+	l, err := asynqlimit.New(asynqlimit.Limits{Default: asynqlimit.Budget{MaxPayload: 4}})
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	handler := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+		fmt.Println("handler ran")
+		return nil
+	}))
+
+	fmt.Println(handler.ProcessTask(context.Background(), asynq.NewTask("t", []byte("ok"))))
+	err = handler.ProcessTask(context.Background(), asynq.NewTask("t", []byte("too large")))
+	fmt.Println(errors.Is(err, asynqlimit.ErrPayloadTooLarge), errors.Is(err, asynq.SkipRetry))
+	// Output:
+	// handler ran
+	// <nil>
+	// true true
+}
+
+// ServerConfig wraps the functions of the config; errors other than the
+// Limiter's deferrals go to the ones the config had, or to asynq's defaults.
 func ExampleLimiter_ServerConfig() {
 	l, err := asynqlimit.New(asynqlimit.Limits{})
 	if err != nil {
 		panic(err)
 	}
 	defer l.Close()
-	cfg := l.ServerConfig(asynq.Config{Concurrency: 10})
+	cfg := l.ServerConfig(asynq.Config{
+		Concurrency:    10,
+		RetryDelayFunc: func(int, error, *asynq.Task) time.Duration { return time.Minute },
+	})
 
-	deferral := &asynqlimit.DeferError{Queue: "low", Reason: asynqlimit.ReasonConcurrency, Delay: 2 * time.Second}
-	fmt.Println(cfg.IsFailure(deferral), cfg.RetryDelayFunc(0, deferral, nil))
-	fmt.Println(cfg.IsFailure(errors.New("smtp: connection refused")))
+	failure := errors.New("smtp: connection refused")
+	fmt.Println(cfg.IsFailure(failure), cfg.RetryDelayFunc(0, failure, nil))
 	// Output:
-	// false 2s
-	// true
+	// true 1m0s
 }
 
 // A handler can tell a deferral from a failure with errors.Is and read its

@@ -3,6 +3,7 @@ package asynqlimit
 import (
 	"context"
 	"errors"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -365,5 +366,130 @@ func TestFailedHandlerCounted(t *testing.T) {
 	}
 	if got := h.outcome("q", OutcomeFailed); got != 1 {
 		t.Errorf("tasks_total{failed} = %v, want 1", got)
+	}
+}
+
+func TestGoexitReleasesBudget(t *testing.T) {
+	h := newHarness(t, Limits{Queues: map[string]Budget{"q": {Concurrency: 1}}}, asynq.Config{
+		Queues: map[string]int{"q": 1},
+	})
+	bad := h.enqueue("q", "goexit", nil, asynq.MaxRetry(0))
+	good := h.enqueue("q", "fine", nil, asynq.MaxRetry(0))
+	mux := asynq.NewServeMux()
+	mux.HandleFunc("goexit", func(context.Context, *asynq.Task) error {
+		runtime.Goexit()
+		return nil
+	})
+	mux.HandleFunc("fine", func(context.Context, *asynq.Task) error { return nil })
+	h.start(mux)
+
+	h.waitSettled("q", 10*time.Second)
+	if info := h.taskInfo("q", bad.ID); info.State != asynq.TaskStateArchived || !strings.Contains(info.LastErr, "Goexit") {
+		t.Errorf("Goexit task: state %v, last error %q; want archived with a Goexit error", info.State, info.LastErr)
+	}
+	if got := h.taskInfo("q", good.ID).State; got != asynq.TaskStateCompleted {
+		t.Errorf("task after the Goexit: state %v, want completed", got)
+	}
+	if got := testutil.ToFloat64(h.srv.limiter.metrics.inFlight.WithLabelValues("q")); got != 0 {
+		t.Errorf("tasks_in_flight = %v, want 0", got)
+	}
+}
+
+func TestHandlerOverBudgetErrorFails(t *testing.T) {
+	var reported atomic.Int64
+	h := newHarness(t, Limits{Queues: map[string]Budget{"q": {}}}, asynq.Config{
+		Queues: map[string]int{"q": 1},
+		ErrorHandler: asynq.ErrorHandlerFunc(func(context.Context, *asynq.Task, error) {
+			reported.Add(1)
+		}),
+	})
+	task := h.enqueue("q", "quota", nil, asynq.MaxRetry(0))
+	var runs atomic.Int64
+	h.start(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+		runs.Add(1)
+		return errors.Join(errors.New("quota exhausted"), ErrOverBudget)
+	}))
+
+	h.waitSettled("q", 10*time.Second)
+	if got := h.taskInfo("q", task.ID).State; got != asynq.TaskStateArchived {
+		t.Errorf("state = %v, want archived: a handler's own ErrOverBudget is a failure", got)
+	}
+	if got := runs.Load(); got != 1 {
+		t.Errorf("handler ran %d times, want 1", got)
+	}
+	if got := reported.Load(); got != 1 {
+		t.Errorf("user ErrorHandler called %d times, want 1", got)
+	}
+}
+
+func TestMiddlewareAppliedTwice(t *testing.T) {
+	h := newHarness(t, Limits{Queues: map[string]Budget{"q": fastDefer(Budget{Concurrency: 1})}}, asynq.Config{
+		Concurrency: 4,
+		Queues:      map[string]int{"q": 1},
+	})
+	const total = 5
+	for range total {
+		h.enqueue("q", "work", nil, asynq.MaxRetry(2))
+	}
+	peaks := newPeakTracker()
+	mux := asynq.NewServeMux()
+	mux.Use(h.srv.Limiter().Middleware())
+	mux.Handle("work", peaks.handler(20*time.Millisecond))
+	h.start(mux)
+
+	info := h.waitSettled("q", 20*time.Second)
+	if info.Completed != total {
+		t.Errorf("completed = %d, want %d", info.Completed, total)
+	}
+	if peak, _ := peaks.get("q"); peak != 1 {
+		t.Errorf("peak in flight = %d, want 1", peak)
+	}
+	if n := strings.Count(h.logs.String(), "middleware applied twice"); n != 1 {
+		t.Errorf("warning logged %d times, want once", n)
+	}
+}
+
+func TestPanicNamesHandlerLocation(t *testing.T) {
+	h := newHarness(t, Limits{Queues: map[string]Budget{"q": {}}}, asynq.Config{Queues: map[string]int{"q": 1}})
+	task := h.enqueue("q", "panic", nil, asynq.MaxRetry(0))
+	h.start(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+		var m map[string]int
+		m["x"] = 1 // a runtime panic: assignment to entry in nil map
+		return nil
+	}))
+
+	h.waitSettled("q", 10*time.Second)
+	info := h.taskInfo("q", task.ID)
+	for _, want := range []string{"assignment to entry in nil map", "handler panicked at", "integration_test.go:"} {
+		if !strings.Contains(info.LastErr, want) {
+			t.Errorf("last error %q does not contain %q", info.LastErr, want)
+		}
+	}
+}
+
+func TestObserveModeCountsTimeouts(t *testing.T) {
+	h := newHarness(t, Limits{
+		Queues: map[string]Budget{"q": {Timeout: 100 * time.Millisecond}},
+		Mode:   Observe,
+	}, asynq.Config{Queues: map[string]int{"q": 1}})
+	task := h.enqueue("q", "slow", nil, asynq.MaxRetry(0))
+	h.start(asynq.HandlerFunc(func(ctx context.Context, _ *asynq.Task) error {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(300 * time.Millisecond):
+			return nil
+		}
+	}))
+
+	h.waitSettled("q", 10*time.Second)
+	if got := h.taskInfo("q", task.ID).State; got != asynq.TaskStateCompleted {
+		t.Errorf("state = %v, want completed: observe mode must not end the context", got)
+	}
+	if got := testutil.ToFloat64(h.srv.limiter.metrics.timeouts.WithLabelValues("q")); got != 1 {
+		t.Errorf("timeouts_total = %v, want 1", got)
+	}
+	if got := h.outcome("q", OutcomeTimedOut); got != 0 {
+		t.Errorf("tasks_total{timed_out} = %v, want 0 in observe mode", got)
 	}
 }

@@ -3,9 +3,12 @@ package asynqlimit
 import (
 	"fmt"
 	"log/slog"
+	"maps"
 	"sort"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
 )
@@ -18,9 +21,10 @@ const (
 	// the zero value.
 	Enforce Mode = iota
 	// Observe makes, counts and logs every decision but runs every task, so
-	// limits can be tuned on production traffic before they are enforced.
-	// Timeouts still end the handler's context, because the handler runs
-	// under the same deadline in either mode.
+	// limits can be tuned on production traffic before they are enforced. A
+	// queue's Timeout does not end the handler's context; a handler that runs
+	// past it is counted in asynqlimit_timeouts_total. The task's own asynq
+	// deadline still applies.
 	Observe
 )
 
@@ -59,8 +63,11 @@ func (l Limits) Validate() error {
 
 	for _, name := range names {
 		path := fmt.Sprintf("Queues[%q]", name)
-		if name == "" {
-			fields = append(fields, FieldError{path, "queue name must not be empty; remove the entry or name the queue"})
+		switch {
+		case strings.TrimSpace(name) == "":
+			fields = append(fields, FieldError{path, "queue name must not be empty or only spaces, which asynq rejects; remove the entry or name the queue"})
+		case !utf8.ValidString(name):
+			fields = append(fields, FieldError{path, "queue name must be valid UTF-8, because it becomes a metrics label; rename the queue"})
 		}
 		if name == otherLabel {
 			fields = append(fields, FieldError{path, `"other" is the metrics label of unnamed queues; configure that queue through Default or rename it`})
@@ -100,6 +107,7 @@ type Limiter struct {
 	abandonGrace   time.Duration
 	logEvery       time.Duration
 	logBurst       int
+	warnNested     sync.Once
 	closeOnce      sync.Once
 	closeInspector error
 }
@@ -110,6 +118,9 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 	if err := limits.Validate(); err != nil {
 		return nil, err
 	}
+	// A copy, so that a caller that changes its map later cannot race with
+	// the metrics or change which queues are labelled by name.
+	limits.Queues = maps.Clone(limits.Queues)
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt.apply(&o)
@@ -137,11 +148,15 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 	return l, nil
 }
 
-// Close unregisters nothing and stops nothing that tasks need: running
-// handlers keep their budgets until they return. It closes the Inspector
-// that NewServer created for the queue metrics. Close is idempotent.
+// Close stops the queue size metrics, so that scrapes report no queues, and
+// closes the Inspector that NewServer created for them. It stops nothing that
+// tasks need: running handlers keep their budgets until they return. Close is
+// idempotent.
 func (l *Limiter) Close() error {
 	l.closeOnce.Do(func() {
+		if l.metrics.queues != nil {
+			l.metrics.queues.close()
+		}
 		if l.ownsInspector && l.inspector != nil {
 			l.closeInspector = l.inspector.Close()
 		}

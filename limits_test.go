@@ -59,6 +59,16 @@ func TestValidate(t *testing.T) {
 			want:   []string{`Queues[""]`},
 		},
 		{
+			name:   "queue name of spaces",
+			limits: Limits{Queues: map[string]Budget{"  ": {}}},
+			want:   []string{`Queues["  "]`},
+		},
+		{
+			name:   "queue name not UTF-8",
+			limits: Limits{Queues: map[string]Budget{"\xff\xfe": {}}},
+			want:   []string{`Queues["\xff\xfe"]`},
+		},
+		{
 			name:   "queue named other",
 			limits: Limits{Queues: map[string]Budget{"other": {}}},
 			want:   []string{`Queues["other"]`},
@@ -129,6 +139,22 @@ func TestNewRejectsInvalidLimits(t *testing.T) {
 	var cerr *ConfigError
 	if !errors.As(err, &cerr) {
 		t.Fatalf("New() error = %v, want a *ConfigError", err)
+	}
+}
+
+func TestNewCopiesQueues(t *testing.T) {
+	queues := map[string]Budget{"named": {Concurrency: 1}}
+	l, err := New(Limits{Queues: queues})
+	if err != nil {
+		t.Fatal(err)
+	}
+	queues["added-later"] = Budget{Concurrency: 5}
+
+	if got := l.queue("added-later"); got.label != otherLabel {
+		t.Errorf("queue added to the map after New has label %q, want %q", got.label, otherLabel)
+	}
+	if got := l.limits.label("added-later"); got != otherLabel {
+		t.Errorf("limits.label(added-later) = %q, want %q", got, otherLabel)
 	}
 }
 

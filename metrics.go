@@ -60,6 +60,10 @@ type metrics struct {
 	abandoned   *prometheus.GaugeVec
 	concurrency *prometheus.GaugeVec
 	waits       *prometheus.CounterVec
+	timeouts    *prometheus.CounterVec
+	// queues reports asynq's queue sizes; nil without an inspector or a
+	// registerer.
+	queues *queueCollector
 }
 
 // queueMetrics holds the series of one queue label, resolved once so the
@@ -72,6 +76,7 @@ type queueMetrics struct {
 	deferrals map[Reason]prometheus.Counter
 	rejected  prometheus.Counter
 	waits     prometheus.Counter
+	timeouts  prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector, inspectTTL time.Duration, logger *slog.Logger) (*metrics, error) {
@@ -110,6 +115,10 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 			Namespace: namespace, Name: "waits_total",
 			Help: "Tasks on their last attempt that waited for room instead of being deferred.",
 		}, queue),
+		timeouts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "timeouts_total",
+			Help: "Tasks that reached their queue's Timeout; in observe mode their context was left alone.",
+		}, queue),
 	}
 
 	m.concurrency.WithLabelValues(otherLabel).Set(float64(limits.Default.Concurrency))
@@ -123,10 +132,11 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 		return m, nil
 	}
 	collectors := []prometheus.Collector{
-		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits,
+		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts,
 	}
 	if insp != nil {
-		collectors = append(collectors, newQueueCollector(insp, limits.label, inspectTTL, logger))
+		m.queues = newQueueCollector(insp, limits.label, inspectTTL, logger)
+		collectors = append(collectors, m.queues)
 	}
 	for _, c := range collectors {
 		if err := reg.Register(c); err != nil {
@@ -145,6 +155,7 @@ func (m *metrics) forQueue(label string) queueMetrics {
 		deferrals: make(map[Reason]prometheus.Counter, len(allReasons)),
 		rejected:  m.rejections.WithLabelValues(label, rejectPayload),
 		waits:     m.waits.WithLabelValues(label),
+		timeouts:  m.timeouts.WithLabelValues(label),
 	}
 	for o := range numOutcomes {
 		qm.outcomes[o] = m.tasks.WithLabelValues(label, outcomeLabels[o])

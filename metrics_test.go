@@ -35,6 +35,7 @@ func TestMetricsExistAtZero(t *testing.T) {
 		{"asynqlimit_deferrals_total", labels * len(allReasons)},
 		{"asynqlimit_rejections_total", labels},
 		{"asynqlimit_waits_total", labels},
+		{"asynqlimit_timeouts_total", labels},
 		{"asynqlimit_task_duration_seconds", labels},
 		{"asynqlimit_abandoned_tasks", labels},
 		{"asynqlimit_queue_concurrency_limit", labels},

@@ -27,6 +27,15 @@ func (l *Limiter) Middleware() asynq.MiddlewareFunc {
 }
 
 func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
+	if active, _ := ctx.Value(activeLimiterKey{}).(*Limiter); active == l {
+		// The same Limiter applied twice (NewServer and mux.Use, say) would
+		// take two slots per task and could defer every task of a queue with
+		// a cap of 1, so the inner application lets the task through.
+		l.warnNested.Do(func() {
+			l.logger.Warn("asynqlimit: middleware applied twice; remove mux.Use(Middleware()) when you use NewServer")
+		})
+		return next.ProcessTask(ctx, t)
+	}
 	name, _ := asynq.GetQueueName(ctx)
 	q := l.queue(name)
 	if err := l.checkPayload(ctx, q, t); err != nil {
@@ -124,7 +133,7 @@ func (l *Limiter) deferTask(ctx context.Context, q *queueState, t *asynq.Task, r
 	q.metrics.outcomes[OutcomeDeferred].Inc()
 	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task deferred",
 		"reason", reason, "in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency, "delay", delay)
-	return &DeferError{Queue: q.name, Reason: reason, Delay: delay}
+	return &DeferError{Queue: q.name, Reason: reason, Delay: delay, issued: true}
 }
 
 // logEvent logs one enforcement event of a task unless the queue's log rate

@@ -44,6 +44,9 @@ type queueCollector struct {
 	last map[string]*queueStats
 	// lastAt is the start time of the round that produced last.
 	lastAt time.Time
+	// closed is true once the inspector is closed; scrapes then report no
+	// queues rather than an error per scrape.
+	closed bool
 }
 
 // newQueueCollector returns a collector that reports asynq's queue sizes
@@ -129,6 +132,9 @@ func (c *queueCollector) reading() map[string]*queueStats {
 	defer c.mu.Unlock()
 
 	now := c.now()
+	if c.closed {
+		return nil
+	}
 	if c.attempted && now.Sub(c.roundAt) < c.ttl {
 		return c.last
 	}
@@ -151,6 +157,15 @@ func (c *queueCollector) reading() map[string]*queueStats {
 	c.last = stats
 	c.lastAt = now
 	return stats
+}
+
+// close stops the collector from using its inspector, which its owner is
+// about to close.
+func (c *queueCollector) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	c.last = nil
 }
 
 // readQueues reads every queue through the inspector and groups the results

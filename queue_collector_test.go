@@ -455,3 +455,26 @@ asynqlimit_queue_inspect_errors_total 0
 		t.Errorf("latency series: got %d, want %d", got, want)
 	}
 }
+
+func TestQueueCollectorClosed(t *testing.T) {
+	insp := &fakeQueueInspector{infos: map[string]*asynq.QueueInfo{"critical": {Queue: "critical", Pending: 1}}}
+	collector, clock, logs := newTestQueueCollector(insp, time.Second, "critical")
+	if got := testutil.CollectAndCount(collector, "asynqlimit_queue_tasks"); got == 0 {
+		t.Fatalf("queue_tasks series before close = 0, want some")
+	}
+
+	collector.close()
+	clock.Advance(time.Hour)
+	if got := testutil.CollectAndCount(collector, "asynqlimit_queue_tasks"); got != 0 {
+		t.Errorf("queue_tasks series after close = %d, want 0", got)
+	}
+	if got := insp.roundCount(); got != 1 {
+		t.Errorf("inspector rounds = %d, want 1: a closed collector must not read", got)
+	}
+	if got := testutil.ToFloat64(collector.inspectErrors); got != 0 {
+		t.Errorf("inspect errors after close = %v, want 0", got)
+	}
+	if logs.Len() != 0 {
+		t.Errorf("closed collector logged:\n%s", logs)
+	}
+}

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"runtime/debug"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -50,8 +52,11 @@ type runResult struct {
 func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next asynq.Handler, held bool) error {
 	start := time.Now()
 	deadline, ok := budgetDeadline(ctx, start, q.budget.Timeout)
+	if l.limits.Mode == Observe {
+		ok = false // report counts the timeout instead
+	}
 	r := l.newRun(q, t, next, held, start)
-	r.ctx = newRunCtx(ctx, deadline, ok)
+	r.ctx = newRunCtx(ctx, l, deadline, ok)
 	var expired <-chan time.Time
 	if ok {
 		r.timer.Reset(deadline.Sub(start))
@@ -66,6 +71,7 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 	select {
 	case res = <-r.done:
 	case <-expired:
+		q.metrics.timeouts.Inc()
 		r.ctx.cancel(context.DeadlineExceeded)
 		if res, ok = r.awaitGrace(l.abandonGrace); !ok {
 			return l.abandon(r)
@@ -126,27 +132,71 @@ func (l *Limiter) recycle(r *taskRun) {
 // execute calls the handler, releases the budget, and hands the result to
 // the middleware, or logs it when the middleware has given up on it.
 func (r *taskRun) execute() {
-	res := r.call()
-	elapsed := time.Since(r.start)
-	r.q.finish(r.held, elapsed)
-	if r.state.CompareAndSwap(runRunning, runFinished) {
-		r.done <- res
-		return
-	}
-	r.l.abandonedReturned(r, res, elapsed)
+	// A handler that calls runtime.Goexit never returns, but deferred calls
+	// still run, so the budget is released and the task fails with errGoexit.
+	res := runResult{err: errGoexit}
+	defer func() {
+		elapsed := time.Since(r.start)
+		r.q.finish(r.held, elapsed)
+		if res.err == errGoexit {
+			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler called runtime.Goexit; the task fails")
+		}
+		if r.state.CompareAndSwap(runRunning, runFinished) {
+			r.done <- res
+			return
+		}
+		r.l.abandonedReturned(r, res, elapsed)
+	}()
+	res = r.call()
 }
+
+// errGoexit is the result of a handler that called runtime.Goexit.
+var errGoexit = errors.New("asynqlimit: handler called runtime.Goexit instead of returning; return an error to fail the task")
 
 // call runs the handler and turns a panic into a result, because a panic in
 // this goroutine would escape asynq's recovery and end the process.
 func (r *taskRun) call() (res runResult) {
 	defer func() {
 		if v := recover(); v != nil {
-			res = runResult{err: fmt.Errorf("asynqlimit: handler panicked: %v", v), panicked: true, panicVal: v, stack: debug.Stack()}
+			where := panicLocation()
+			res = runResult{err: fmt.Errorf("asynqlimit: handler panicked at %s: %v", where, v),
+				panicked: true, panicVal: withLocation(v, where), stack: debug.Stack()}
 			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler panicked",
-				"panic", fmt.Sprint(v), "stack", string(res.stack))
+				"panic", fmt.Sprint(v), "location", where, "stack", string(res.stack))
 		}
 	}()
 	return runResult{err: r.next.ProcessTask(r.ctx, r.task)}
+}
+
+// panicLocation returns file:line of the code that panicked, called from the
+// deferred function that recovered. It skips the runtime's own frames, as
+// asynq does, so a nil map write points at the handler, not at the runtime.
+func panicLocation() string {
+	pcs := make([]uintptr, 32)
+	frames := runtime.CallersFrames(pcs[:runtime.Callers(1, pcs)])
+	afterPanic := false
+	for {
+		f, more := frames.Next()
+		switch {
+		case f.Function == "runtime.gopanic":
+			afterPanic = true
+		case afterPanic && !strings.HasPrefix(f.Function, "runtime."):
+			return fmt.Sprintf("%s:%d", f.File, f.Line)
+		}
+		if !more {
+			return "unknown location"
+		}
+	}
+}
+
+// withLocation returns the value to panic with again, so that asynq, which
+// records where it recovered the panic (in this package), also records where
+// the handler panicked.
+func withLocation(v any, where string) error {
+	if err, ok := v.(error); ok {
+		return fmt.Errorf("%w [handler panicked at %s]", err, where)
+	}
+	return fmt.Errorf("%v [handler panicked at %s]", v, where)
 }
 
 // awaitGrace gives a handler whose context has ended a moment to return.
@@ -160,20 +210,30 @@ func (r *taskRun) awaitGrace(grace time.Duration) (res runResult, finished bool)
 		case <-r.timer.C:
 		}
 	}
+	// Counted before the swap, so that a handler returning right after it
+	// never takes the gauge below zero.
+	r.q.metrics.abandoned.Inc()
 	if r.state.CompareAndSwap(runRunning, runAbandoned) {
 		return runResult{}, false
 	}
+	r.q.metrics.abandoned.Dec()
 	return <-r.done, true
 }
 
 // report counts and logs the outcome of a handler that returned in time and
 // returns its error unchanged.
 func (l *Limiter) report(r *taskRun, err error) error {
+	q, elapsed := r.q, time.Since(r.start)
 	outcome := outcomeOf(err, r.ctx.Err())
-	r.q.metrics.outcomes[outcome].Inc()
-	if outcome == OutcomeTimedOut {
-		l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn, "asynqlimit: task timed out",
-			"elapsed", time.Since(r.start), "timeout", r.q.budget.Timeout, "error", err)
+	q.metrics.outcomes[outcome].Inc()
+	switch {
+	case outcome == OutcomeTimedOut:
+		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task timed out",
+			"elapsed", elapsed, "timeout", q.budget.Timeout, "error", err)
+	case l.limits.Mode == Observe && q.budget.Timeout > 0 && elapsed > q.budget.Timeout:
+		q.metrics.timeouts.Inc()
+		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task ran past its queue's Timeout; observe mode let it run",
+			"elapsed", elapsed, "timeout", q.budget.Timeout)
 	}
 	return err
 }
@@ -196,7 +256,6 @@ func outcomeOf(err, ctxErr error) Outcome {
 func (l *Limiter) abandon(r *taskRun) error {
 	q, ctxErr := r.q, r.ctx.Err()
 	elapsed := time.Since(r.start)
-	q.metrics.abandoned.Inc()
 	q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
 	l.logEvent(r.ctx, q, r.task, slog.LevelWarn,
 		"asynqlimit: handler ignores its context and is still running; its budget stays held until it returns",

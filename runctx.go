@@ -24,6 +24,7 @@ var closedChan = func() chan struct{} {
 // contexts the handler derives from it need no goroutine of their own.
 type runCtx struct {
 	context.Context
+	limiter     *Limiter
 	deadline    time.Time
 	hasDeadline bool
 
@@ -35,8 +36,21 @@ type runCtx struct {
 
 type afterFunc struct{ f func() }
 
-func newRunCtx(parent context.Context, deadline time.Time, hasDeadline bool) *runCtx {
-	return &runCtx{Context: parent, deadline: deadline, hasDeadline: hasDeadline}
+// activeLimiterKey is the context key under which a runCtx stores the
+// Limiter whose middleware runs the handler.
+type activeLimiterKey struct{}
+
+func newRunCtx(parent context.Context, l *Limiter, deadline time.Time, hasDeadline bool) *runCtx {
+	return &runCtx{Context: parent, limiter: l, deadline: deadline, hasDeadline: hasDeadline}
+}
+
+// Value returns the Limiter for activeLimiterKey and the parent's value for
+// any other key.
+func (c *runCtx) Value(key any) any {
+	if _, ok := key.(activeLimiterKey); ok {
+		return c.limiter
+	}
+	return c.Context.Value(key)
 }
 
 // Deadline returns the budget's deadline, or the parent's when the budget

@@ -12,7 +12,7 @@ type ctxKey struct{}
 func TestRunCtxCancel(t *testing.T) {
 	parent := context.WithValue(context.Background(), ctxKey{}, "v")
 	deadline := time.Now().Add(time.Hour)
-	c := newRunCtx(parent, deadline, true)
+	c := newRunCtx(parent, nil, deadline, true)
 
 	if got, ok := c.Deadline(); !ok || !got.Equal(deadline) {
 		t.Errorf("Deadline() = %v, %v; want %v, true", got, ok, deadline)
@@ -39,7 +39,7 @@ func TestRunCtxCancel(t *testing.T) {
 }
 
 func TestRunCtxDoneAfterCancel(t *testing.T) {
-	c := newRunCtx(context.Background(), time.Time{}, false)
+	c := newRunCtx(context.Background(), nil, time.Time{}, false)
 	c.cancel(context.Canceled)
 	select {
 	case <-c.Done():
@@ -52,14 +52,14 @@ func TestRunCtxParentDeadline(t *testing.T) {
 	parent, cancel := context.WithDeadline(context.Background(), time.Now().Add(time.Minute))
 	defer cancel()
 	want, _ := parent.Deadline()
-	c := newRunCtx(parent, time.Time{}, false)
+	c := newRunCtx(parent, nil, time.Time{}, false)
 	if got, ok := c.Deadline(); !ok || !got.Equal(want) {
 		t.Errorf("Deadline() = %v, %v; want the parent's %v", got, ok, want)
 	}
 }
 
 func TestRunCtxDerivedContexts(t *testing.T) {
-	c := newRunCtx(context.Background(), time.Time{}, false)
+	c := newRunCtx(context.Background(), nil, time.Time{}, false)
 	child, cancelChild := context.WithTimeout(c, time.Hour)
 	defer cancelChild()
 	stopped := make(chan struct{})
@@ -85,7 +85,7 @@ func TestRunCtxDerivedContexts(t *testing.T) {
 }
 
 func TestRunCtxAfterFuncWhenEnded(t *testing.T) {
-	c := newRunCtx(context.Background(), time.Time{}, false)
+	c := newRunCtx(context.Background(), nil, time.Time{}, false)
 	c.cancel(context.Canceled)
 	ran := make(chan struct{})
 	stop := c.AfterFunc(func() { close(ran) })
