@@ -1,0 +1,122 @@
+//go:build linux
+
+package threadcpu
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Supported reports whether this platform measures thread CPU time. It
+// returns true on Linux.
+func Supported() bool {
+	return true
+}
+
+// Lock locks the calling goroutine to its OS thread with
+// runtime.LockOSThread and returns the thread with its CPU time so far. The
+// caller must call Unlock on the same goroutine when the task ends, with
+// defer so that it also runs when the task panics, because the runtime ends
+// a thread whose goroutine returns while locked. When Lock returns an error,
+// it has already undone the lock.
+func Lock() (Thread, error) {
+	runtime.LockOSThread()
+	tid := unix.Gettid()
+	start, err := readOwnClock()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return Thread{}, fmt.Errorf("threadcpu: lock thread %d: read CLOCK_THREAD_CPUTIME_ID: %w", tid, err)
+	}
+	return Thread{TID: tid, start: start}, nil
+}
+
+// Unlock returns the CPU time that the thread has used since Lock, and then
+// unlocks the goroutine with runtime.UnlockOSThread. It must be called on
+// the goroutine that called Lock.
+//
+// When Unlock runs on a thread other than t.TID, it returns an error that
+// wraps ErrThreadChanged and leaves the lock count unchanged, because the
+// goroutine that holds the lock is unknown. When reading the clock fails, it
+// still unlocks and returns the error.
+func (t Thread) Unlock() (time.Duration, error) {
+	if t.TID == 0 {
+		return 0, errZeroThread
+	}
+	if tid := unix.Gettid(); tid != t.TID {
+		return 0, fmt.Errorf("threadcpu: unlock thread %d: running on thread %d: %w: call Unlock on the goroutine that called Lock, and check that the handler calls runtime.UnlockOSThread no more often than runtime.LockOSThread",
+			t.TID, tid, ErrThreadChanged)
+	}
+	now, err := readOwnClock()
+	runtime.UnlockOSThread()
+	if err != nil {
+		return 0, fmt.Errorf("threadcpu: unlock thread %d: read CLOCK_THREAD_CPUTIME_ID: %w", t.TID, err)
+	}
+	return now - t.start, nil
+}
+
+// Used returns the CPU time that the thread has used since Lock. Any
+// goroutine may call it while the task runs, and between Lock and Unlock the
+// result never decreases. After Unlock the thread may run other goroutines,
+// whose CPU time Used would count, so the caller must stop calling Used when
+// the task ends.
+//
+// Used reads the thread's clock with clock_gettime(2) and the clock ID that
+// pthread_getcpuclockid(3) would return. That costs one system call, and the
+// result includes the thread's current time slice. The first field of
+// /proc/self/task/TID/schedstat is the same counter, but the kernel updates
+// it for a running thread only at scheduler ticks and context switches. In a
+// test on Linux 6.18 it lagged the clock by up to 4 ms, and reading it cost
+// three system calls and about 9 times as long.
+//
+// When the thread no longer exists, Used returns an error that wraps
+// ErrThreadExited.
+//
+// NOTE: the kernel reuses thread IDs. If the locked goroutine returned without
+// Unlock, the runtime ended its thread, and a new thread of this process got
+// the same ID, Used reads the new thread's clock without an error.
+func (t Thread) Used() (time.Duration, error) {
+	if t.TID == 0 {
+		return 0, errZeroThread
+	}
+	var ts unix.Timespec
+	err := unix.ClockGettime(threadClockID(t.TID), &ts)
+	if errors.Is(err, unix.EINVAL) {
+		return 0, fmt.Errorf("threadcpu: read CPU clock of thread %d: %w: call Used only between Lock and Unlock, because a locked thread exits when its goroutine returns without calling Unlock",
+			t.TID, ErrThreadExited)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("threadcpu: read CPU clock of thread %d: %w", t.TID, err)
+	}
+	return time.Duration(ts.Nano()) - t.start, nil
+}
+
+// errZeroThread is returned by the methods of the zero Thread.
+var errZeroThread = errors.New("threadcpu: invalid Thread with TID 0: use the Thread that Lock returned")
+
+// readOwnClock returns the CPU time of the calling thread.
+func readOwnClock() (time.Duration, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts); err != nil {
+		return 0, err
+	}
+	return time.Duration(ts.Nano()), nil
+}
+
+// threadClockID returns the clock ID of the scheduler CPU clock of thread tid,
+// the value that pthread_getcpuclockid(3) returns. The kernel encodes the
+// bitwise complement of the thread ID in the upper 29 bits, sets bit 2 for a
+// per-thread clock and puts CPUCLOCK_SCHED (2) in bits 0 and 1, as
+// MAKE_THREAD_CPUCLOCK in the kernel's include/linux/posix-timers.h defines.
+// clock_gettime(2) accepts such an ID only for threads of the calling
+// process and returns EINVAL for any other ID.
+func threadClockID(tid int) int32 {
+	const (
+		perThread     = 4
+		schedulerTime = 2
+	)
+	return ^int32(tid)<<3 | perThread | schedulerTime
+}
