@@ -45,8 +45,6 @@ type Budget struct {
 	// Priority orders queues for shedding under process pressure: lower
 	// values are shed first. The zero value is the lowest priority that is
 	// not negative.
-	// NOTE: this version has no pressure shedding, so Priority has no effect
-	// yet.
 	Priority int
 	// DeferDelay is the delay of the first deferral after the queue becomes
 	// full. While the queue stays full the delay doubles each DeferDelay,

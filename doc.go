@@ -58,6 +58,14 @@
 // such a task is never deferred: it waits for room instead, until its context
 // ends.
 //
+// # Pressure
+//
+// Limits.Process sets soft and hard thresholds on the memory and CPU of the
+// whole process, sampled every WithSampleInterval. Under pressure the queues
+// of the lowest Budget.Priority are shed: their new tasks are deferred with
+// reason "pressure", one more priority level per sample while pressure lasts,
+// never the highest priority.
+//
 // # Observe mode
 //
 // With Mode: Observe every decision is made, counted and logged, but every

@@ -11,6 +11,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/hibiken/asynq"
+
+	"github.com/asynqlimit/asynqlimit/internal/resource"
 )
 
 // Mode chooses whether a Limiter enforces its decisions.
@@ -49,6 +51,9 @@ type Limits struct {
 	Default Budget
 	// Mode is Enforce (the zero value) or Observe.
 	Mode Mode
+	// Process holds thresholds on the memory and CPU of the whole process.
+	// The zero value turns process pressure off.
+	Process ProcessLimits
 }
 
 // Validate checks every field and returns a *ConfigError that lists each
@@ -75,6 +80,7 @@ func (l Limits) Validate() error {
 		fields = append(fields, l.Queues[name].validate(path)...)
 	}
 	fields = append(fields, l.Default.validate("Default")...)
+	fields = append(fields, l.Process.validate("Process")...)
 	if l.Mode != Enforce && l.Mode != Observe {
 		fields = append(fields, FieldError{"Mode", fmt.Sprintf("must be Enforce or Observe, got %d", int(l.Mode))})
 	}
@@ -101,6 +107,8 @@ type Limiter struct {
 
 	// runs pools taskRun values of handlers that returned in time.
 	runs sync.Pool
+	// monitor samples the process; nil when Limits.Process is off.
+	monitor *monitor
 
 	inspector      *asynq.Inspector
 	ownsInspector  bool
@@ -144,6 +152,11 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 	for name, b := range limits.Queues {
 		l.named[name] = l.newQueueState(name, name, b)
 	}
+	if limits.Process.enabled() {
+		if l.monitor, err = startMonitor(limits, o, m.process); err != nil {
+			return nil, err
+		}
+	}
 	l.logger.Info("asynqlimit: limiter started", "mode", limits.Mode.String(), "queues", len(limits.Queues))
 	return l, nil
 }
@@ -154,6 +167,9 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 // idempotent.
 func (l *Limiter) Close() error {
 	l.closeOnce.Do(func() {
+		if l.monitor != nil {
+			l.monitor.close()
+		}
 		if l.metrics.queues != nil {
 			l.metrics.queues.close()
 		}
@@ -162,6 +178,35 @@ func (l *Limiter) Close() error {
 		}
 	})
 	return l.closeInspector
+}
+
+// startMonitor detects the process's limits, when a threshold is a fraction
+// of them, and starts sampling.
+func startMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error) {
+	detected := o.detected
+	if detected == nil {
+		d, err := resource.DetectLimits()
+		if err != nil {
+			return nil, fmt.Errorf("asynqlimit: detect the process's memory and CPU limits for Limits.Process: %w", err)
+		}
+		detected = &d
+	}
+	sampler := o.sampler
+	if sampler == nil {
+		s, err := resource.NewProcessSampler()
+		if err != nil {
+			return nil, fmt.Errorf("asynqlimit: start the process sampler for Limits.Process: %w", err)
+		}
+		sampler = s
+	}
+
+	priorities := []int{limits.Default.Priority}
+	for _, b := range limits.Queues {
+		priorities = append(priorities, b.Priority)
+	}
+	m := newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm)
+	go m.run()
+	return m, nil
 }
 
 // queue returns the state of the named queue, creating it from the Default

@@ -63,7 +63,8 @@ type metrics struct {
 	timeouts    *prometheus.CounterVec
 	// queues reports asynq's queue sizes; nil without an inspector or a
 	// registerer.
-	queues *queueCollector
+	queues  *queueCollector
+	process *processMetrics
 }
 
 // queueMetrics holds the series of one queue label, resolved once so the
@@ -121,6 +122,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 		}, queue),
 	}
 
+	m.process = newProcessMetrics()
 	m.concurrency.WithLabelValues(otherLabel).Set(float64(limits.Default.Concurrency))
 	m.forQueue(otherLabel)
 	for name, b := range limits.Queues {
@@ -134,6 +136,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 	collectors := []prometheus.Collector{
 		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts,
 	}
+	collectors = append(collectors, m.process.collectors()...)
 	if insp != nil {
 		m.queues = newQueueCollector(insp, limits.label, inspectTTL, logger)
 		collectors = append(collectors, m.queues)

@@ -72,6 +72,11 @@ func (l *Limiter) checkPayload(ctx context.Context, q *queueState, t *asynq.Task
 // reports whether a slot was taken, which is false for queues without a cap
 // and for tasks that observe mode lets through over budget.
 func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (held bool, err error) {
+	if l.monitor != nil && l.monitor.sheds(q.budget.Priority) {
+		if err := l.shed(ctx, q, t); err != nil {
+			return false, err
+		}
+	}
 	if q.tryAcquire() {
 		return q.slots != nil, nil
 	}
@@ -86,6 +91,23 @@ func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (held
 		return l.wait(ctx, q, t)
 	}
 	return false, l.deferTask(ctx, q, t, ReasonConcurrency)
+}
+
+// shed defers a task of a queue that process pressure sheds. In observe
+// mode, and for a task on its last attempt, it only counts and logs the
+// decision and returns nil.
+func (l *Limiter) shed(ctx context.Context, q *queueState, t *asynq.Task) error {
+	if l.limits.Mode == Enforce && !lastAttempt(ctx) {
+		return l.deferTask(ctx, q, t, ReasonPressure)
+	}
+	why := "it is on its last attempt"
+	if l.limits.Mode == Observe {
+		why = "observe mode is on"
+	}
+	q.metrics.deferrals[ReasonPressure].Inc()
+	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would be shed by process pressure; it runs because "+why,
+		"reason", ReasonPressure, "priority", q.budget.Priority)
+	return nil
 }
 
 // lastAttempt reports whether asynq would archive the task on any error, as

@@ -6,6 +6,8 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/asynqlimit/asynqlimit/internal/resource"
 )
 
 // Option configures a Limiter. The zero set of options registers no
@@ -27,6 +29,11 @@ type options struct {
 	abandonGrace  time.Duration
 	logEvery      time.Duration
 	logBurst      int
+
+	sampler        Sampler
+	sampleInterval time.Duration
+	// detected replaces the detected process limits, for tests.
+	detected *resource.Limits
 }
 
 // Defaults of the options.
@@ -44,6 +51,8 @@ func defaultOptions() options {
 		abandonGrace: DefaultAbandonGrace,
 		logEvery:     DefaultLogInterval,
 		logBurst:     DefaultLogBurst,
+
+		sampleInterval: DefaultSampleInterval,
 	}
 }
 
@@ -106,4 +115,26 @@ func WithLogRate(every time.Duration, burst int) Option {
 			o.logBurst = burst
 		}
 	})
+}
+
+// WithSampler reads the process's resource use with s instead of the
+// default gopsutil sampler. It applies only when Limits.Process sets a
+// threshold.
+func WithSampler(s Sampler) Option {
+	return optionFunc(func(o *options) { o.sampler = s })
+}
+
+// WithSampleInterval sets how often the process is sampled when
+// Limits.Process sets a threshold. If zero or less, DefaultSampleInterval.
+func WithSampleInterval(d time.Duration) Option {
+	return optionFunc(func(o *options) {
+		if d > 0 {
+			o.sampleInterval = d
+		}
+	})
+}
+
+// withDetectedLimits replaces the detected process limits, for tests.
+func withDetectedLimits(d resource.Limits) Option {
+	return optionFunc(func(o *options) { o.detected = &d })
 }

@@ -1,0 +1,152 @@
+package asynqlimit
+
+import (
+	"fmt"
+	"log/slog"
+	"math"
+	"sync/atomic"
+	"time"
+
+	"github.com/asynqlimit/asynqlimit/internal/resource"
+)
+
+// Sampler reads the resource use of the worker process. The default reads
+// resident memory and CPU time with gopsutil and the Go runtime's memory from
+// runtime/metrics; WithSampler replaces it, in tests for example.
+type Sampler = resource.Sampler
+
+// ResourceSample is one reading of a Sampler.
+type ResourceSample = resource.Sample
+
+// noShed is the value of monitor.shedMax while no priority is shed.
+const noShed = math.MinInt64
+
+// monitor samples the process on a ticker and turns the samples into
+// pressure levels and the highest priority that soft pressure sheds.
+type monitor struct {
+	sampler  Sampler
+	interval time.Duration
+	logger   *slog.Logger
+	metrics  *processMetrics
+
+	memory, cpu threshold
+	ladder      *shedLadder
+	prev        ResourceSample
+	hasPrev     bool
+
+	// shedMax is the highest shed priority, or noShed. Admission reads it
+	// without a lock.
+	shedMax atomic.Int64
+	// memoryLevel is the memory Pressure at the last sample.
+	memoryLevel atomic.Int32
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+func newMonitor(p ProcessLimits, sampler Sampler, detected resource.Limits, interval time.Duration,
+	priorities []int, logger *slog.Logger, pm *processMetrics) *monitor {
+	m := &monitor{
+		sampler:  sampler,
+		interval: interval,
+		logger:   logger,
+		metrics:  pm,
+		ladder:   newShedLadder(priorities),
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+	}
+	m.memory, m.cpu = p.resolve(detected.MemoryBytes, detected.CPUCores)
+	m.shedMax.Store(noShed)
+	pm.setLimits(m.memory, m.cpu)
+	logger.Info("asynqlimit: process limits",
+		"memory_limit_bytes", detected.MemoryBytes, "memory_limit_source", detected.MemorySource,
+		"cpu_limit_cores", detected.CPUCores, "cpu_limit_source", detected.CPUSource,
+		"memory_soft_bytes", int64(m.memory.soft), "memory_hard_bytes", int64(m.memory.hard),
+		"cpu_soft_cores", m.cpu.soft, "cpu_hard_cores", m.cpu.hard)
+	return m
+}
+
+// run samples every interval until close.
+func (m *monitor) run() {
+	defer close(m.done)
+	ticker := time.NewTicker(m.interval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-m.stop:
+			return
+		case <-ticker.C:
+			s, err := m.sampler.Sample()
+			m.step(s, err, time.Now())
+		}
+	}
+}
+
+func (m *monitor) close() {
+	close(m.stop)
+	<-m.done
+}
+
+// step turns one sample into pressure levels and a shedding decision. A
+// failed sample is logged and counted and leaves every decision as it was.
+func (m *monitor) step(s ResourceSample, err error, now time.Time) {
+	if err != nil {
+		m.metrics.samplerErrors.Inc()
+		m.logger.Error("asynqlimit: sampling the process failed; pressure decisions stay as they were", "error", err)
+		return
+	}
+
+	cores := 0.0
+	if m.hasPrev {
+		cores = resource.CPUCores(m.prev, s)
+	}
+	m.prev, m.hasPrev = s, true
+	m.metrics.rss.Set(float64(s.RSS))
+	m.metrics.cpu.Set(cores)
+
+	memoryLevel := m.transition("memory", &m.memory, float64(s.RSS), now)
+	cpuLevel := m.transition("cpu", &m.cpu, cores, now)
+	m.memoryLevel.Store(int32(memoryLevel))
+
+	m.updateShedding(max(memoryLevel, cpuLevel) >= PressureSoft)
+}
+
+// transition updates one resource's threshold, and logs and reports a
+// change of its level.
+func (m *monitor) transition(resourceName string, th *threshold, value float64, now time.Time) Pressure {
+	before := th.level
+	level := th.update(value, now)
+	m.metrics.pressure.WithLabelValues(resourceName).Set(float64(level))
+	if level != before {
+		m.logger.Warn("asynqlimit: process pressure changed", "resource", resourceName,
+			"from", before.String(), "to", level.String(), "value", value,
+			"soft", th.soft, "hard", th.hard)
+	}
+	return level
+}
+
+// updateShedding moves the shedding ladder one step and logs a change.
+func (m *monitor) updateShedding(pressure bool) {
+	before := m.shedMax.Load()
+	maxShed, shedding := m.ladder.step(pressure)
+	after := int64(noShed)
+	if shedding {
+		after = int64(maxShed)
+	}
+	m.shedMax.Store(after)
+	if after != before {
+		m.logger.Warn("asynqlimit: shedding changed", "shed_priorities_up_to", shedLabel(after))
+	}
+}
+
+// sheds reports whether soft pressure sheds new tasks of priority.
+func (m *monitor) sheds(priority int) bool {
+	return int64(priority) <= m.shedMax.Load()
+}
+
+func shedLabel(maxShed int64) string {
+	if maxShed == noShed {
+		return "none"
+	}
+	return fmt.Sprint(maxShed)
+}

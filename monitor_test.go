@@ -1,0 +1,193 @@
+package asynqlimit
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/asynqlimit/asynqlimit/internal/resource"
+)
+
+// fakeSampler returns the sample set last, or err.
+type fakeSampler struct {
+	mu     sync.Mutex
+	sample ResourceSample
+	err    error
+}
+
+func (f *fakeSampler) Sample() (ResourceSample, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sample, f.err
+}
+
+func (f *fakeSampler) set(rss int64, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.sample.RSS, f.sample.At, f.err = rss, time.Now(), err
+}
+
+var testDetected = resource.Limits{MemoryBytes: 1000, MemorySource: "test", CPUCores: 4, CPUSource: "test"}
+
+// newMonitoredLimiter returns a Limiter whose monitor never ticks by
+// itself: tests drive it with step.
+func newMonitoredLimiter(t *testing.T, limits Limits, opts ...Option) (*Limiter, *fakeSampler, *prometheus.Registry) {
+	t.Helper()
+	sampler, reg := &fakeSampler{}, prometheus.NewRegistry()
+	opts = append([]Option{WithSampler(sampler), WithSampleInterval(time.Hour), withDetectedLimits(testDetected),
+		WithRegisterer(reg)}, opts...)
+	l, err := New(limits, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l, sampler, reg
+}
+
+func threeQueues(p ProcessLimits) Limits {
+	return Limits{
+		Queues: map[string]Budget{
+			"low":  {Priority: 0},
+			"mid":  {Priority: 1},
+			"high": {Priority: 2},
+		},
+		Process: p,
+	}
+}
+
+func TestMonitorShedsLadder(t *testing.T) {
+	l, _, _ := newMonitoredLimiter(t, threeQueues(ProcessLimits{MemorySoft: 100, MemoryHard: 500, Grace: time.Second}))
+	m := l.monitor
+	start := time.Unix(1000, 0)
+	steps := []struct {
+		after time.Duration
+		rss   int64
+		shed  map[int]bool
+	}{
+		{0, 50, map[int]bool{0: false, 1: false, 2: false}},
+		{250 * time.Millisecond, 150, map[int]bool{0: false}},                    // above soft, within grace
+		{1250 * time.Millisecond, 150, map[int]bool{0: true, 1: false}},          // soft: lowest shed
+		{1500 * time.Millisecond, 150, map[int]bool{0: true, 1: true, 2: false}}, // widened
+		{1750 * time.Millisecond, 150, map[int]bool{1: true, 2: false}},          // highest never shed
+		{2000 * time.Millisecond, 90, map[int]bool{1: true}},                     // below 95: fall starts
+		{3000 * time.Millisecond, 90, map[int]bool{0: true, 1: false}},           // none: narrows
+		{3250 * time.Millisecond, 90, map[int]bool{0: false}},
+	}
+	for _, s := range steps {
+		m.step(ResourceSample{RSS: s.rss}, nil, start.Add(s.after))
+		for priority, want := range s.shed {
+			if got := m.sheds(priority); got != want {
+				t.Fatalf("at +%s with RSS %d: sheds(%d) = %v, want %v", s.after, s.rss, priority, got, want)
+			}
+		}
+	}
+}
+
+func TestMonitorSamplerErrorKeepsDecision(t *testing.T) {
+	l, _, reg := newMonitoredLimiter(t, threeQueues(ProcessLimits{MemorySoft: 100, Grace: time.Nanosecond}))
+	m := l.monitor
+	now := time.Unix(1000, 0)
+	m.step(ResourceSample{RSS: 200}, nil, now)
+	m.step(ResourceSample{RSS: 200}, nil, now.Add(time.Second))
+	if !m.sheds(0) {
+		t.Fatal("sheds(0) = false under soft pressure")
+	}
+
+	m.step(ResourceSample{}, errors.New("read /proc: permission denied"), now.Add(2*time.Second))
+	if !m.sheds(0) {
+		t.Errorf("sheds(0) = false after a failed sample, want the last decision kept")
+	}
+	if got := testutil.ToFloat64(m.metrics.samplerErrors); got != 1 {
+		t.Errorf("sampler_errors_total = %v, want 1", got)
+	}
+	if got := gaugeValue(t, reg, "asynqlimit_pressure", map[string]string{"resource": "memory"}); got != float64(PressureSoft) {
+		t.Errorf("asynqlimit_pressure{resource=memory} = %v, want 1", got)
+	}
+}
+
+func TestMonitorMetrics(t *testing.T) {
+	l, _, reg := newMonitoredLimiter(t, threeQueues(ProcessLimits{
+		MemorySoftFraction: 0.5, MemoryHardFraction: 0.9, CPUSoft: 1, CPUHardFraction: 0.75,
+	}))
+	m := l.monitor
+	now := time.Unix(1000, 0)
+	m.step(ResourceSample{At: now, RSS: 950, CPUTime: 0}, nil, now)
+	m.step(ResourceSample{At: now.Add(time.Second), RSS: 950, CPUTime: 3500 * time.Millisecond}, nil, now.Add(time.Second))
+
+	for labels, want := range map[[2]string]float64{
+		{"memory", "soft"}: 500, {"memory", "hard"}: 900, {"cpu", "soft"}: 1, {"cpu", "hard"}: 3,
+	} {
+		got := gaugeValue(t, reg, "asynqlimit_process_limit", map[string]string{"resource": labels[0], "threshold": labels[1]})
+		if got != want {
+			t.Errorf("process_limit{%s,%s} = %v, want %v", labels[0], labels[1], got, want)
+		}
+	}
+	if got := testutil.ToFloat64(m.metrics.rss); got != 950 {
+		t.Errorf("process_resident_memory_bytes = %v, want 950", got)
+	}
+	if got := testutil.ToFloat64(m.metrics.cpu); got != 3.5 {
+		t.Errorf("process_cpu_cores = %v, want 3.5", got)
+	}
+	for _, r := range []string{"memory", "cpu"} {
+		if got := gaugeValue(t, reg, "asynqlimit_pressure", map[string]string{"resource": r}); got != float64(PressureHard) {
+			t.Errorf("pressure{resource=%s} = %v, want 2 (hard)", r, got)
+		}
+	}
+}
+
+func TestMonitorStopsOnClose(t *testing.T) {
+	sampler := &fakeSampler{}
+	l, err := New(threeQueues(ProcessLimits{MemoryHard: 100}), WithSampler(sampler),
+		WithSampleInterval(time.Millisecond), withDetectedLimits(testDetected))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sampler.set(500, nil)
+	waitFor(t, 5*time.Second, func() bool { return l.monitor.memoryLevel.Load() == int32(PressureHard) },
+		func() string { return "the monitor goroutine never sampled hard pressure" })
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-l.monitor.done:
+	default:
+		t.Error("monitor goroutine still running after Close")
+	}
+}
+
+func TestPressureShedsLowQueue(t *testing.T) {
+	sampler := &fakeSampler{}
+	sampler.set(0, nil)
+	h := newHarness(t, threeQueues(ProcessLimits{MemorySoft: 100, Grace: time.Nanosecond}), asynq.Config{
+		Concurrency: 4,
+		Queues:      map[string]int{"low": 1, "mid": 1, "high": 1},
+	}, WithSampler(sampler), WithSampleInterval(20*time.Millisecond), withDetectedLimits(testDetected))
+	m := h.srv.limiter.monitor
+	sampler.set(200, nil)
+	waitFor(t, 5*time.Second, func() bool { return m.sheds(0) },
+		func() string { return "soft pressure never shed priority 0" })
+
+	low := h.enqueue("low", "work", nil, asynq.MaxRetry(3))
+	high := h.enqueue("high", "work", nil, asynq.MaxRetry(3))
+	h.start(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
+	waitFor(t, 10*time.Second, func() bool { return h.taskInfo("high", high.ID).State == asynq.TaskStateCompleted },
+		func() string { return "high-priority task did not complete under soft pressure" })
+	waitFor(t, 10*time.Second, func() bool { return h.deferrals("low", ReasonPressure) > 0 },
+		func() string { return "low-priority task was not deferred under soft pressure" })
+	if got := h.taskInfo("low", low.ID).State; got == asynq.TaskStateCompleted {
+		t.Errorf("low-priority task completed under soft pressure, want it deferred")
+	}
+
+	sampler.set(10, nil)
+	waitFor(t, 15*time.Second, func() bool { return h.taskInfo("low", low.ID).State == asynq.TaskStateCompleted },
+		func() string { return "low-priority task did not complete after pressure ended" })
+	if got := h.taskInfo("low", low.ID).Retried; got != 0 {
+		t.Errorf("low task Retried = %d, want 0 after pressure deferrals", got)
+	}
+}

@@ -1,0 +1,133 @@
+package asynqlimit
+
+import (
+	"fmt"
+	"time"
+)
+
+// Defaults of ProcessLimits.
+const (
+	DefaultHysteresis     = 0.05
+	DefaultPressureGrace  = time.Second
+	DefaultSampleInterval = 250 * time.Millisecond
+)
+
+// ProcessLimits are soft and hard thresholds on the memory and CPU of the
+// whole worker process. Pressure sheds the lowest-priority queues: their new
+// tasks are deferred with reason "pressure", one more priority level each
+// sample interval while pressure lasts, never the highest priority. A task on
+// its last attempt is not shed, because asynq would archive it.
+//
+// NOTE: hard pressure sheds like soft pressure; it does not yet preempt
+// running tasks.
+//
+// Each threshold is given either as an absolute value or as a fraction of
+// the limit detected at start: the cgroup limit in a container, otherwise the
+// host's memory or GOMAXPROCS. Setting both is an error. A threshold that is
+// zero both ways is off. The zero ProcessLimits turns all of them off.
+type ProcessLimits struct {
+	// MemorySoft and MemoryHard are resident memory thresholds in bytes.
+	MemorySoft, MemoryHard int64
+	// MemorySoftFraction and MemoryHardFraction are the memory thresholds
+	// as fractions of the detected memory limit, in (0, 1].
+	MemorySoftFraction, MemoryHardFraction float64
+	// CPUSoft and CPUHard are thresholds on the process's CPU use in cores,
+	// averaged over one sample interval.
+	CPUSoft, CPUHard float64
+	// CPUSoftFraction and CPUHardFraction are the CPU thresholds as
+	// fractions of the detected CPU limit, in (0, 1].
+	CPUSoftFraction, CPUHardFraction float64
+	// Hysteresis is how far below a threshold, as a fraction of it, a
+	// reading must fall before the pressure level falls. If zero,
+	// DefaultHysteresis.
+	Hysteresis float64
+	// Grace is how long a reading must stay above the soft threshold before
+	// soft pressure starts, and below the recovery line before a level ends.
+	// Hard pressure starts at once. If zero, DefaultPressureGrace.
+	Grace time.Duration
+}
+
+// enabled reports whether any threshold is set.
+func (p ProcessLimits) enabled() bool {
+	return p.MemorySoft != 0 || p.MemoryHard != 0 || p.MemorySoftFraction != 0 || p.MemoryHardFraction != 0 ||
+		p.CPUSoft != 0 || p.CPUHard != 0 || p.CPUSoftFraction != 0 || p.CPUHardFraction != 0
+}
+
+// validate returns one FieldError for each invalid field.
+func (p ProcessLimits) validate(path string) []FieldError {
+	var fields []FieldError
+	add := func(field, format string, args ...any) {
+		fields = append(fields, FieldError{path + "." + field, fmt.Sprintf(format, args...)})
+	}
+	pairs := []struct {
+		name     string
+		absolute float64
+		fraction float64
+	}{
+		{"MemorySoft", float64(p.MemorySoft), p.MemorySoftFraction},
+		{"MemoryHard", float64(p.MemoryHard), p.MemoryHardFraction},
+		{"CPUSoft", p.CPUSoft, p.CPUSoftFraction},
+		{"CPUHard", p.CPUHard, p.CPUHardFraction},
+	}
+	for _, pair := range pairs {
+		if !(pair.absolute >= 0) { // also rejects NaN
+			add(pair.name, "must be >= 0, got %v (0 means the fraction, or no threshold)", pair.absolute)
+		}
+		if !(pair.fraction >= 0 && pair.fraction <= 1) {
+			add(pair.name+"Fraction", "must be in [0, 1], got %v (0.8 means 80%% of the detected limit)", pair.fraction)
+		}
+		if pair.absolute != 0 && pair.fraction != 0 {
+			add(pair.name+"Fraction", "must be 0 when %s is set (got %v and %v); set one of the two", pair.name, pair.absolute, pair.fraction)
+		}
+	}
+	if p.MemorySoft > 0 && p.MemoryHard > 0 && p.MemorySoft > p.MemoryHard {
+		add("MemorySoft", "must be <= MemoryHard (%d), got %d", p.MemoryHard, p.MemorySoft)
+	}
+	if p.CPUSoft > 0 && p.CPUHard > 0 && p.CPUSoft > p.CPUHard {
+		add("CPUSoft", "must be <= CPUHard (%v), got %v", p.CPUHard, p.CPUSoft)
+	}
+	if p.MemorySoftFraction > 0 && p.MemoryHardFraction > 0 && p.MemorySoftFraction > p.MemoryHardFraction {
+		add("MemorySoftFraction", "must be <= MemoryHardFraction (%v), got %v", p.MemoryHardFraction, p.MemorySoftFraction)
+	}
+	if p.CPUSoftFraction > 0 && p.CPUHardFraction > 0 && p.CPUSoftFraction > p.CPUHardFraction {
+		add("CPUSoftFraction", "must be <= CPUHardFraction (%v), got %v", p.CPUHardFraction, p.CPUSoftFraction)
+	}
+	if !(p.Hysteresis >= 0 && p.Hysteresis < 1) {
+		add("Hysteresis", "must be in [0, 1), got %v (0.05 means 5%% below the threshold)", p.Hysteresis)
+	}
+	if p.Grace < 0 {
+		add("Grace", "must be >= 0, got %s (0 means %s)", p.Grace, DefaultPressureGrace)
+	}
+	return fields
+}
+
+// resolve returns the absolute thresholds, with fractions taken of the
+// detected limits memLimit (bytes) and cpuLimit (cores).
+func (p ProcessLimits) resolve(memLimit int64, cpuLimit float64) (memory, cpu threshold) {
+	hysteresis, grace := p.Hysteresis, p.Grace
+	if hysteresis == 0 {
+		hysteresis = DefaultHysteresis
+	}
+	if grace == 0 {
+		grace = DefaultPressureGrace
+	}
+	pick := func(absolute, fraction, limit float64) float64 {
+		if absolute > 0 {
+			return absolute
+		}
+		return fraction * limit
+	}
+	memory = threshold{
+		soft:       pick(float64(p.MemorySoft), p.MemorySoftFraction, float64(memLimit)),
+		hard:       pick(float64(p.MemoryHard), p.MemoryHardFraction, float64(memLimit)),
+		hysteresis: hysteresis,
+		grace:      grace,
+	}
+	cpu = threshold{
+		soft:       pick(p.CPUSoft, p.CPUSoftFraction, cpuLimit),
+		hard:       pick(p.CPUHard, p.CPUHardFraction, cpuLimit),
+		hysteresis: hysteresis,
+		grace:      grace,
+	}
+	return memory, cpu
+}

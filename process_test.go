@@ -1,0 +1,77 @@
+package asynqlimit
+
+import (
+	"math"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func TestProcessLimitsValidate(t *testing.T) {
+	tests := []struct {
+		name   string
+		limits ProcessLimits
+		want   []string
+	}{
+		{name: "zero value"},
+		{name: "absolute", limits: ProcessLimits{MemorySoft: 300 << 20, MemoryHard: 400 << 20, CPUSoft: 1.5, CPUHard: 2}},
+		{name: "fractions", limits: ProcessLimits{MemorySoftFraction: 0.7, MemoryHardFraction: 0.9, CPUHardFraction: 1}},
+		{
+			name:   "negative and NaN",
+			limits: ProcessLimits{MemorySoft: -1, CPUHard: math.NaN(), Grace: -time.Second},
+			want:   []string{"Process.MemorySoft", "Process.CPUHard", "Process.Grace"},
+		},
+		{
+			name:   "fraction out of range",
+			limits: ProcessLimits{MemoryHardFraction: 1.5, CPUSoftFraction: -0.1},
+			want:   []string{"Process.MemoryHardFraction", "Process.CPUSoftFraction"},
+		},
+		{
+			name:   "absolute and fraction",
+			limits: ProcessLimits{MemoryHard: 1 << 30, MemoryHardFraction: 0.9},
+			want:   []string{"Process.MemoryHardFraction"},
+		},
+		{
+			name:   "soft above hard",
+			limits: ProcessLimits{MemorySoft: 2, MemoryHard: 1, CPUSoftFraction: 0.9, CPUHardFraction: 0.5},
+			want:   []string{"Process.MemorySoft", "Process.CPUSoftFraction"},
+		},
+		{
+			name:   "hysteresis of one",
+			limits: ProcessLimits{Hysteresis: 1},
+			want:   []string{"Process.Hysteresis"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var got []string
+			for _, f := range tt.limits.validate("Process") {
+				got = append(got, f.Path)
+			}
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("invalid field paths (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestProcessLimitsResolve(t *testing.T) {
+	p := ProcessLimits{MemorySoft: 300, MemoryHardFraction: 0.5, CPUSoftFraction: 0.25, CPUHard: 3}
+	memory, cpu := p.resolve(1000, 4)
+	if memory.soft != 300 || memory.hard != 500 {
+		t.Errorf("memory thresholds = %v, %v; want 300, 500", memory.soft, memory.hard)
+	}
+	if cpu.soft != 1 || cpu.hard != 3 {
+		t.Errorf("cpu thresholds = %v, %v; want 1, 3", cpu.soft, cpu.hard)
+	}
+	if memory.hysteresis != DefaultHysteresis || memory.grace != DefaultPressureGrace {
+		t.Errorf("defaults = %v, %s; want %v, %s", memory.hysteresis, memory.grace, DefaultHysteresis, DefaultPressureGrace)
+	}
+	if (ProcessLimits{}).enabled() {
+		t.Errorf("zero ProcessLimits is enabled, want off")
+	}
+	if !p.enabled() {
+		t.Errorf("ProcessLimits with thresholds is off, want enabled")
+	}
+}
