@@ -56,6 +56,17 @@ type Budget struct {
 	DeferDelay time.Duration
 	// MaxDeferDelay caps the deferral delay. If zero, DefaultMaxDeferDelay.
 	MaxDeferDelay time.Duration
+	// Memory is the memory, in bytes, that the running tasks of the queue
+	// may reserve together. Each task reserves TaskMemory, or what the
+	// WithMemoryEstimator function returns for it, until its handler
+	// returns; a task that does not fit is deferred with reason "memory".
+	// Go cannot measure the memory of one goroutine, so this is a budget of
+	// estimates. If zero, the queue has no memory budget.
+	Memory int64
+	// TaskMemory is the memory reservation of one task in bytes, used when
+	// no WithMemoryEstimator function is given. It also orders preemption
+	// under hard memory pressure, largest first.
+	TaskMemory int64
 }
 
 // validate returns one FieldError for each invalid field, with paths under
@@ -71,6 +82,8 @@ func (b Budget) validate(path string) []FieldError {
 	check(b.Timeout >= 0, "Timeout", "must be >= 0, got %s (0 means the task's own deadline)", b.Timeout)
 	check(b.MaxPayload >= 0, "MaxPayload", "must be >= 0 bytes, got %d (0 means no cap)", b.MaxPayload)
 	check(b.DeferDelay >= 0, "DeferDelay", "must be >= 0, got %s (0 means %s)", b.DeferDelay, DefaultDeferDelay)
+	check(b.Memory >= 0, "Memory", "must be >= 0 bytes, got %d (0 means no memory budget)", b.Memory)
+	check(b.TaskMemory >= 0, "TaskMemory", "must be >= 0 bytes, got %d", b.TaskMemory)
 	check(b.MaxDeferDelay >= 0, "MaxDeferDelay", "must be >= 0, got %s (0 means %s)", b.MaxDeferDelay, DefaultMaxDeferDelay)
 	if b.MaxDeferDelay > 0 && b.deferDelay() > b.MaxDeferDelay {
 		check(false, "MaxDeferDelay", "must be >= DeferDelay (%s), got %s", b.deferDelay(), b.MaxDeferDelay)
@@ -102,6 +115,8 @@ type queueState struct {
 	// concurrency cap. Its waiters are served in order, so a last-attempt
 	// task that waits is not overtaken by tasks that arrive later.
 	slots *semaphore.Weighted
+	// memory holds the queue's memory budget in bytes; nil without one.
+	memory *semaphore.Weighted
 	// inFlight counts handlers that have not returned, abandoned ones
 	// included.
 	inFlight atomic.Int64
@@ -133,6 +148,9 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 	if b.Concurrency > 0 {
 		q.slots = semaphore.NewWeighted(int64(b.Concurrency))
 	}
+	if b.Memory > 0 {
+		q.memory = semaphore.NewWeighted(b.Memory)
+	}
 	return q
 }
 
@@ -145,10 +163,25 @@ func (q *queueState) tryAcquire() bool {
 	return false
 }
 
-// release returns a slot taken by tryAcquire or a wait.
-func (q *queueState) release() {
-	if q.slots != nil {
+// grant is what an admitted task holds until its handler returns.
+type grant struct {
+	// slot is true when the task holds a concurrency slot.
+	slot bool
+	// memory is the number of bytes held from the queue's memory budget.
+	memory int64
+	// reservation is the task's memory estimate in bytes, held or not: the
+	// order of preemption and the pending memory of the process.
+	reservation int64
+}
+
+// release returns what g holds.
+func (q *queueState) release(g grant) {
+	if g.slot {
 		q.slots.Release(1)
+	}
+	if g.memory > 0 {
+		q.memory.Release(g.memory)
+		q.metrics.memoryReserved.Sub(float64(g.memory))
 	}
 }
 

@@ -50,7 +50,7 @@ func TestDeferDelayResetsWhenRoom(t *testing.T) {
 	if !q.tryAcquire() {
 		t.Fatal("tryAcquire() = false on an empty queue")
 	}
-	q.release()
+	q.release(grant{slot: true})
 	if got := q.deferDelay(start.Add(20 * time.Second)); got > time.Second {
 		t.Errorf("deferDelay after the queue had room = %s, want <= 1s", got)
 	}

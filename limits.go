@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -108,7 +109,8 @@ type Limiter struct {
 	// runs pools taskRun values of handlers that returned in time.
 	runs sync.Pool
 	// monitor samples the process; nil when Limits.Process is off.
-	monitor *monitor
+	monitor   *monitor
+	estimator MemoryEstimator
 
 	inspector      *asynq.Inspector
 	ownsInspector  bool
@@ -126,13 +128,16 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 	if err := limits.Validate(); err != nil {
 		return nil, err
 	}
-	// A copy, so that a caller that changes its map later cannot race with
-	// the metrics or change which queues are labelled by name.
-	limits.Queues = maps.Clone(limits.Queues)
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt.apply(&o)
 	}
+	if err := checkMemoryEstimates(limits, o.estimator); err != nil {
+		return nil, err
+	}
+	// A copy, so that a caller that changes its map later cannot race with
+	// the metrics or change which queues are labelled by name.
+	limits.Queues = maps.Clone(limits.Queues)
 
 	l := &Limiter{
 		limits:        limits,
@@ -143,6 +148,7 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 		abandonGrace:  o.abandonGrace,
 		logEvery:      o.logEvery,
 		logBurst:      o.logBurst,
+		estimator:     o.estimator,
 	}
 	m, err := newMetrics(o.registerer, limits, o.inspector, o.inspectTTL, o.logger)
 	if err != nil {
@@ -178,6 +184,29 @@ func (l *Limiter) Close() error {
 		}
 	})
 	return l.closeInspector
+}
+
+// checkMemoryEstimates returns a *ConfigError for each memory budget that
+// has nothing to reserve: no TaskMemory and no estimator.
+func checkMemoryEstimates(limits Limits, estimator MemoryEstimator) error {
+	if estimator != nil {
+		return nil
+	}
+	var fields []FieldError
+	check := func(path string, b Budget) {
+		if b.Memory > 0 && b.TaskMemory == 0 {
+			fields = append(fields, FieldError{path + ".TaskMemory",
+				"must be > 0 when Memory is set, or pass WithMemoryEstimator; a task would otherwise reserve nothing"})
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(limits.Queues)) {
+		check(fmt.Sprintf("Queues[%q]", name), limits.Queues[name])
+	}
+	check("Default", limits.Default)
+	if len(fields) == 0 {
+		return nil
+	}
+	return &ConfigError{Fields: fields}
 }
 
 // startMonitor detects the process's limits, when a threshold is a fraction

@@ -61,6 +61,8 @@ type metrics struct {
 	concurrency *prometheus.GaugeVec
 	waits       *prometheus.CounterVec
 	timeouts    *prometheus.CounterVec
+	memReserved *prometheus.GaugeVec
+	memBudget   *prometheus.GaugeVec
 	// queues reports asynq's queue sizes; nil without an inspector or a
 	// registerer.
 	queues  *queueCollector
@@ -78,6 +80,8 @@ type queueMetrics struct {
 	rejected  prometheus.Counter
 	waits     prometheus.Counter
 	timeouts  prometheus.Counter
+
+	memoryReserved prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector, inspectTTL time.Duration, logger *slog.Logger) (*metrics, error) {
@@ -116,6 +120,14 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 			Namespace: namespace, Name: "waits_total",
 			Help: "Tasks on their last attempt that waited for room instead of being deferred.",
 		}, queue),
+		memReserved: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "queue_memory_reserved_bytes",
+			Help: "Memory reserved by the running tasks of the queue, from their estimates.",
+		}, queue),
+		memBudget: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "queue_memory_budget_bytes",
+			Help: "Memory budget of the queue; 0 means none.",
+		}, queue),
 		timeouts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "timeouts_total",
 			Help: "Tasks that reached their queue's Timeout; in observe mode their context was left alone.",
@@ -124,9 +136,11 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 
 	m.process = newProcessMetrics()
 	m.concurrency.WithLabelValues(otherLabel).Set(float64(limits.Default.Concurrency))
+	m.memBudget.WithLabelValues(otherLabel).Set(float64(limits.Default.Memory))
 	m.forQueue(otherLabel)
 	for name, b := range limits.Queues {
 		m.concurrency.WithLabelValues(name).Set(float64(b.Concurrency))
+		m.memBudget.WithLabelValues(name).Set(float64(b.Memory))
 		m.forQueue(name)
 	}
 
@@ -134,7 +148,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 		return m, nil
 	}
 	collectors := []prometheus.Collector{
-		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts,
+		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts, m.memReserved, m.memBudget,
 	}
 	collectors = append(collectors, m.process.collectors()...)
 	if insp != nil {
@@ -159,6 +173,8 @@ func (m *metrics) forQueue(label string) queueMetrics {
 		rejected:  m.rejections.WithLabelValues(label, rejectPayload),
 		waits:     m.waits.WithLabelValues(label),
 		timeouts:  m.timeouts.WithLabelValues(label),
+
+		memoryReserved: m.memReserved.WithLabelValues(label),
 	}
 	for o := range numOutcomes {
 		qm.outcomes[o] = m.tasks.WithLabelValues(label, outcomeLabels[o])

@@ -36,6 +36,8 @@ func TestMetricsExistAtZero(t *testing.T) {
 		{"asynqlimit_rejections_total", labels},
 		{"asynqlimit_waits_total", labels},
 		{"asynqlimit_timeouts_total", labels},
+		{"asynqlimit_queue_memory_reserved_bytes", labels},
+		{"asynqlimit_queue_memory_budget_bytes", labels},
 		{"asynqlimit_task_duration_seconds", labels},
 		{"asynqlimit_abandoned_tasks", labels},
 		{"asynqlimit_queue_concurrency_limit", labels},

@@ -41,11 +41,11 @@ func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler)
 	if err := l.checkPayload(ctx, q, t); err != nil {
 		return err
 	}
-	held, err := l.admit(ctx, q, t)
+	g, err := l.admit(ctx, q, t)
 	if err != nil {
 		return err
 	}
-	return l.run(ctx, q, t, next, held)
+	return l.run(ctx, q, t, next, g)
 }
 
 // checkPayload returns an error that makes asynq archive the task when its
@@ -68,15 +68,35 @@ func (l *Limiter) checkPayload(ctx context.Context, q *queueState, t *asynq.Task
 		ErrPayloadTooLarge, size, limit, q.name, asynq.SkipRetry)
 }
 
-// admit takes a slot for the task or returns the error that defers it. held
-// reports whether a slot was taken, which is false for queues without a cap
-// and for tasks that observe mode lets through over budget.
-func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (held bool, err error) {
+// admit returns what the task holds while it runs, or the error that defers
+// it.
+func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (grant, error) {
 	if l.monitor != nil && l.monitor.sheds(q.budget.Priority) {
 		if err := l.shed(ctx, q, t); err != nil {
-			return false, err
+			return grant{}, err
 		}
 	}
+	slot, err := l.admitSlot(ctx, q, t)
+	if err != nil {
+		return grant{}, err
+	}
+	g := grant{slot: slot}
+	if q.memory == nil && l.monitor == nil {
+		return g, nil
+	}
+
+	g.reservation = l.estimate(q, t)
+	if g.memory, err = l.admitMemory(ctx, q, t, g.reservation); err != nil {
+		q.release(g)
+		return grant{}, err
+	}
+	return g, nil
+}
+
+// admitSlot takes a concurrency slot for the task or returns the error that
+// defers it. held is false for queues without a cap and for tasks that
+// observe mode lets through over budget.
+func (l *Limiter) admitSlot(ctx context.Context, q *queueState, t *asynq.Task) (held bool, err error) {
 	if q.tryAcquire() {
 		return q.slots != nil, nil
 	}

@@ -33,7 +33,8 @@ type options struct {
 	sampler        Sampler
 	sampleInterval time.Duration
 	// detected replaces the detected process limits, for tests.
-	detected *resource.Limits
+	detected  *resource.Limits
+	estimator MemoryEstimator
 }
 
 // Defaults of the options.
@@ -137,4 +138,10 @@ func WithSampleInterval(d time.Duration) Option {
 // withDetectedLimits replaces the detected process limits, for tests.
 func withDetectedLimits(d resource.Limits) Option {
 	return optionFunc(func(o *options) { o.detected = &d })
+}
+
+// WithMemoryEstimator sets the function that returns each task's memory
+// reservation for the queues' Memory budgets, in place of Budget.TaskMemory.
+func WithMemoryEstimator(f MemoryEstimator) Option {
+	return optionFunc(func(o *options) { o.estimator = f })
 }

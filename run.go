@@ -32,7 +32,7 @@ type taskRun struct {
 	task  *asynq.Task
 	next  asynq.Handler
 	ctx   *runCtx
-	held  bool
+	grant grant
 	start time.Time
 	state atomic.Int32
 	done  chan runResult
@@ -49,13 +49,13 @@ type runResult struct {
 }
 
 // run runs next under the queue's timeout and returns what asynq should see.
-func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next asynq.Handler, held bool) error {
+func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next asynq.Handler, g grant) error {
 	start := time.Now()
 	deadline, ok := budgetDeadline(ctx, start, q.budget.Timeout)
 	if l.limits.Mode == Observe {
 		ok = false // report counts the timeout instead
 	}
-	r := l.newRun(q, t, next, held, start)
+	r := l.newRun(q, t, next, g, start)
 	r.ctx = newRunCtx(ctx, l, deadline, ok)
 	var expired <-chan time.Time
 	if ok {
@@ -111,13 +111,13 @@ func budgetDeadline(ctx context.Context, start time.Time, timeout time.Duration)
 	return deadline, true
 }
 
-func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, held bool, start time.Time) *taskRun {
+func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g grant, start time.Time) *taskRun {
 	r, _ := l.runs.Get().(*taskRun)
 	if r == nil {
 		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour)}
 		r.timer.Stop()
 	}
-	r.q, r.task, r.next, r.held, r.start = q, t, next, held, start
+	r.q, r.task, r.next, r.grant, r.start = q, t, next, g, start
 	r.state.Store(runRunning)
 	return r
 }
@@ -137,7 +137,7 @@ func (r *taskRun) execute() {
 	res := runResult{err: errGoexit}
 	defer func() {
 		elapsed := time.Since(r.start)
-		r.q.finish(r.held, elapsed)
+		r.q.finish(r.grant, elapsed)
 		if res.err == errGoexit {
 			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler called runtime.Goexit; the task fails")
 		}
@@ -277,11 +277,9 @@ func (l *Limiter) abandonedReturned(r *taskRun, res runResult, elapsed time.Dura
 }
 
 // finish releases what a run held and records its wall time.
-func (q *queueState) finish(held bool, elapsed time.Duration) {
+func (q *queueState) finish(g grant, elapsed time.Duration) {
 	q.metrics.duration.Observe(elapsed.Seconds())
 	q.inFlight.Add(-1)
 	q.metrics.inFlight.Dec()
-	if held {
-		q.release()
-	}
+	q.release(g)
 }
