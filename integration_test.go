@@ -444,7 +444,7 @@ func TestMiddlewareAppliedTwice(t *testing.T) {
 	if peak, _ := peaks.get("q"); peak != 1 {
 		t.Errorf("peak in flight = %d, want 1", peak)
 	}
-	if n := strings.Count(h.logs.String(), "middleware applied twice"); n != 1 {
+	if n := strings.Count(h.logs.String(), "middleware ran inside a task it already admitted"); n != 1 {
 		t.Errorf("warning logged %d times, want once", n)
 	}
 }

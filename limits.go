@@ -1,6 +1,7 @@
 package asynqlimit
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -8,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -108,6 +110,9 @@ type Limiter struct {
 
 	// runs pools taskRun values of handlers that returned in time.
 	runs sync.Pool
+	// running counts the handlers that have not returned, abandoned ones
+	// included.
+	running atomic.Int64
 	// monitor samples the process; nil when Limits.Process is off.
 	monitor   *monitor
 	estimator MemoryEstimator
@@ -236,6 +241,23 @@ func startMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error
 	m := newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm)
 	go m.run()
 	return m, nil
+}
+
+// Drain waits until every handler that the middleware started has returned,
+// abandoned ones included, or ctx ends. It returns ctx.Err() in that case.
+// Call it after shutting the server down, before the process exits, so that
+// handlers that ignore their context are not killed mid-work.
+func (l *Limiter) Drain(ctx context.Context) error {
+	ticker := time.NewTicker(10 * time.Millisecond)
+	defer ticker.Stop()
+	for l.running.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ticker.C:
+		}
+	}
+	return nil
 }
 
 // queue returns the state of the named queue, creating it from the Default

@@ -2,6 +2,7 @@ package asynqlimit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -28,11 +29,13 @@ func (l *Limiter) Middleware() asynq.MiddlewareFunc {
 
 func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
 	if active, _ := ctx.Value(activeLimiterKey{}).(*Limiter); active == l {
-		// The same Limiter applied twice (NewServer and mux.Use, say) would
-		// take two slots per task and could defer every task of a queue with
+		// The same Limiter applied twice (NewServer and mux.Use, say), or a
+		// handler that calls the mux with its own context, would take two
+		// slots per task and could defer every task of a queue with
 		// a cap of 1, so the inner application lets the task through.
 		l.warnNested.Do(func() {
-			l.logger.Warn("asynqlimit: middleware applied twice; remove mux.Use(Middleware()) when you use NewServer")
+			l.logger.Warn("asynqlimit: middleware ran inside a task it already admitted, so the inner task is not budgeted; " +
+				"remove mux.Use(Middleware()) when you use NewServer, or do not call the mux from a handler")
 		})
 		return next.ProcessTask(ctx, t)
 	}
@@ -101,13 +104,19 @@ func (l *Limiter) admitSlot(ctx context.Context, q *queueState, t *asynq.Task) (
 		return q.slots != nil, nil
 	}
 
-	if l.limits.Mode == Observe {
+	last := lastAttempt(ctx)
+	switch {
+	case l.limits.Mode == Observe && last:
+		q.metrics.waits.Inc()
+		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would wait for room; observe mode runs it",
+			"in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
+		return false, nil
+	case l.limits.Mode == Observe:
 		q.metrics.deferrals[ReasonConcurrency].Inc()
 		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would be deferred; observe mode runs it",
 			"reason", ReasonConcurrency, "in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
 		return false, nil
-	}
-	if lastAttempt(ctx) {
+	case last:
 		return l.wait(ctx, q, t)
 	}
 	return false, l.deferTask(ctx, q, t, ReasonConcurrency)
@@ -151,20 +160,31 @@ func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool,
 
 	start := time.Now()
 	if err := q.slots.Acquire(ctx, 1); err != nil {
-		// NOTE: asynq archives this task, as it does any last-attempt task
-		// whose context ends; waiting longer is not possible and running it
-		// over the cap would break the budget.
 		waited := time.Since(start)
-		q.metrics.outcomes[outcomeOf(err, err)].Inc()
-		l.logEvent(ctx, q, t, slog.LevelError,
-			"asynqlimit: task's context ended while it waited for room; asynq archives it because it is on its last attempt",
-			"waited", waited, "limit", q.budget.Concurrency, "error", err)
+		l.waitEnded(ctx, q, t, waited, err)
 		return false, fmt.Errorf("asynqlimit: task waited %s for room on queue %q (concurrency %d) until its context ended; "+
 			"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
 			waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
 	}
 	q.fullSince.Store(0)
 	return true, nil
+}
+
+// waitEnded counts and logs a wait that the task's context ended. A deadline
+// means asynq archives the task, as it archives any last-attempt task that
+// times out: running it over the cap would break the budget instead. A
+// cancellation comes from asynq's shutdown, which puts the task back, or from
+// CancelProcessing, so it is logged without blame and not counted.
+func (l *Limiter) waitEnded(ctx context.Context, q *queueState, t *asynq.Task, waited time.Duration, err error) {
+	if !errors.Is(err, context.DeadlineExceeded) {
+		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task's context was canceled while it waited for room",
+			"waited", waited, "error", err)
+		return
+	}
+	q.metrics.outcomes[OutcomeTimedOut].Inc()
+	l.logEvent(ctx, q, t, slog.LevelError,
+		"asynqlimit: task's deadline passed while it waited for room; asynq archives it because it is on its last attempt",
+		"waited", waited, "limit", q.budget.Concurrency, "error", err)
 }
 
 // deferTask counts and logs a deferral and returns the *DeferError that

@@ -63,6 +63,7 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 		expired = r.timer.C
 	}
 
+	l.running.Add(1)
 	q.inFlight.Add(1)
 	q.metrics.inFlight.Inc()
 	go r.execute()
@@ -138,6 +139,7 @@ func (r *taskRun) execute() {
 	defer func() {
 		elapsed := time.Since(r.start)
 		r.q.finish(r.grant, elapsed)
+		r.l.running.Add(-1)
 		if res.err == errGoexit {
 			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler called runtime.Goexit; the task fails")
 		}

@@ -20,15 +20,20 @@ func NewServer(r asynq.RedisConnOpt, cfg asynq.Config, limits Limits, opts ...Op
 	for _, opt := range opts {
 		opt.apply(&o)
 	}
+	var insp *asynq.Inspector
 	if o.registerer != nil && o.inspector == nil {
+		insp = asynq.NewInspector(r)
 		opts = append(opts, optionFunc(func(o *options) {
-			o.inspector = asynq.NewInspector(r)
+			o.inspector = insp
 			o.ownsInspector = true
 		}))
 	}
 
 	l, err := New(limits, opts...)
 	if err != nil {
+		if insp != nil {
+			insp.Close()
+		}
 		return nil, err
 	}
 	return &Server{srv: asynq.NewServer(r, l.ServerConfig(cfg)), limiter: l}, nil
@@ -56,6 +61,8 @@ func (s *Server) Stop() { s.srv.Stop() }
 
 // Shutdown shuts the server down, waiting for running handlers up to
 // Config.ShutdownTimeout, and closes the Limiter. See asynq.Server.Shutdown.
+// Like asynq, it does not wait for handlers that ignore their context; call
+// Limiter().Drain to wait for them too.
 func (s *Server) Shutdown() {
 	s.srv.Shutdown()
 	_ = s.limiter.Close()
