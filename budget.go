@@ -3,6 +3,7 @@ package asynqlimit
 import (
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -117,6 +118,10 @@ type queueState struct {
 	slots *semaphore.Weighted
 	// memory holds the queue's memory budget in bytes; nil without one.
 	memory *semaphore.Weighted
+	// runs holds the running tasks that preemption may choose from, when
+	// the Limiter tracks them.
+	runsMu sync.Mutex
+	runs   map[*taskRun]struct{}
 	// inFlight counts handlers that have not returned, abandoned ones
 	// included.
 	inFlight atomic.Int64
@@ -150,6 +155,9 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 	}
 	if b.Memory > 0 {
 		q.memory = semaphore.NewWeighted(b.Memory)
+	}
+	if l.tracksRuns {
+		q.runs = make(map[*taskRun]struct{})
 	}
 	return q
 }

@@ -64,7 +64,9 @@
 // whole process, sampled every WithSampleInterval. Under pressure the queues
 // of the lowest Budget.Priority are shed: their new tasks are deferred with
 // reason "pressure", one more priority level per sample while pressure lasts,
-// never the highest priority.
+// never the highest priority. Hard memory pressure also preempts running
+// tasks of the lowest priority, largest memory reservation first, one per
+// sample; they are deferred without spending a retry.
 //
 // # Observe mode
 //

@@ -116,6 +116,12 @@ type Limiter struct {
 	// monitor samples the process; nil when Limits.Process is off.
 	monitor   *monitor
 	estimator MemoryEstimator
+	// tracksRuns is true when hard memory pressure may preempt running
+	// tasks, which then register in their queue.
+	tracksRuns bool
+	// highestPriority is the highest Budget.Priority; its tasks are never
+	// preempted.
+	highestPriority int
 
 	inspector      *asynq.Inspector
 	ownsInspector  bool
@@ -160,11 +166,16 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 		return nil, err
 	}
 	l.metrics = m
+	l.highestPriority = limits.Default.Priority
+	for _, b := range limits.Queues {
+		l.highestPriority = max(l.highestPriority, b.Priority)
+	}
+	l.tracksRuns = limits.Process.MemoryHard > 0 || limits.Process.MemoryHardFraction > 0
 	for name, b := range limits.Queues {
 		l.named[name] = l.newQueueState(name, name, b)
 	}
 	if limits.Process.enabled() {
-		if l.monitor, err = startMonitor(limits, o, m.process); err != nil {
+		if l.monitor, err = startMonitor(limits, o, m.process, l.preemptOne); err != nil {
 			return nil, err
 		}
 	}
@@ -216,7 +227,7 @@ func checkMemoryEstimates(limits Limits, estimator MemoryEstimator) error {
 
 // startMonitor detects the process's limits, when a threshold is a fraction
 // of them, and starts sampling.
-func startMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error) {
+func startMonitor(limits Limits, o options, pm *processMetrics, preempt func() bool) (*monitor, error) {
 	detected := o.detected
 	if detected == nil {
 		d, err := resource.DetectLimits()
@@ -239,6 +250,7 @@ func startMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error
 		priorities = append(priorities, b.Priority)
 	}
 	m := newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm)
+	m.preempt = preempt
 	go m.run()
 	return m, nil
 }

@@ -61,6 +61,7 @@ type metrics struct {
 	concurrency *prometheus.GaugeVec
 	waits       *prometheus.CounterVec
 	timeouts    *prometheus.CounterVec
+	preemptions *prometheus.CounterVec
 	memReserved *prometheus.GaugeVec
 	memBudget   *prometheus.GaugeVec
 	// queues reports asynq's queue sizes; nil without an inspector or a
@@ -72,14 +73,15 @@ type metrics struct {
 // queueMetrics holds the series of one queue label, resolved once so the
 // middleware does no label lookups.
 type queueMetrics struct {
-	inFlight  prometheus.Gauge
-	abandoned prometheus.Gauge
-	duration  prometheus.Observer
-	outcomes  [numOutcomes]prometheus.Counter
-	deferrals map[Reason]prometheus.Counter
-	rejected  prometheus.Counter
-	waits     prometheus.Counter
-	timeouts  prometheus.Counter
+	inFlight    prometheus.Gauge
+	abandoned   prometheus.Gauge
+	duration    prometheus.Observer
+	outcomes    [numOutcomes]prometheus.Counter
+	deferrals   map[Reason]prometheus.Counter
+	rejected    prometheus.Counter
+	waits       prometheus.Counter
+	timeouts    prometheus.Counter
+	preemptions prometheus.Counter
 
 	memoryReserved prometheus.Gauge
 }
@@ -128,6 +130,10 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 			Namespace: namespace, Name: "queue_memory_budget_bytes",
 			Help: "Memory budget of the queue; 0 means none.",
 		}, queue),
+		preemptions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "preemptions_total",
+			Help: "Running tasks chosen for preemption under hard memory pressure; in observe mode they ran on.",
+		}, queue),
 		timeouts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "timeouts_total",
 			Help: "Tasks that reached their queue's Timeout; in observe mode their context was left alone.",
@@ -148,7 +154,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 		return m, nil
 	}
 	collectors := []prometheus.Collector{
-		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts, m.memReserved, m.memBudget,
+		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts, m.preemptions, m.memReserved, m.memBudget,
 	}
 	collectors = append(collectors, m.process.collectors()...)
 	if insp != nil {
@@ -166,13 +172,14 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 // forQueue resolves, and so creates at zero, every series of one queue label.
 func (m *metrics) forQueue(label string) queueMetrics {
 	qm := queueMetrics{
-		inFlight:  m.inFlight.WithLabelValues(label),
-		abandoned: m.abandoned.WithLabelValues(label),
-		duration:  m.duration.WithLabelValues(label),
-		deferrals: make(map[Reason]prometheus.Counter, len(allReasons)),
-		rejected:  m.rejections.WithLabelValues(label, rejectPayload),
-		waits:     m.waits.WithLabelValues(label),
-		timeouts:  m.timeouts.WithLabelValues(label),
+		inFlight:    m.inFlight.WithLabelValues(label),
+		abandoned:   m.abandoned.WithLabelValues(label),
+		duration:    m.duration.WithLabelValues(label),
+		deferrals:   make(map[Reason]prometheus.Counter, len(allReasons)),
+		rejected:    m.rejections.WithLabelValues(label, rejectPayload),
+		waits:       m.waits.WithLabelValues(label),
+		timeouts:    m.timeouts.WithLabelValues(label),
+		preemptions: m.preemptions.WithLabelValues(label),
 
 		memoryReserved: m.memReserved.WithLabelValues(label),
 	}

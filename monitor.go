@@ -40,6 +40,10 @@ type monitor struct {
 	// memoryLevel is the memory Pressure at the last sample.
 	memoryLevel atomic.Int32
 
+	// preempt preempts one running task; called once per sample while
+	// memory pressure is hard.
+	preempt func() bool
+
 	stop chan struct{}
 	done chan struct{}
 }
@@ -109,6 +113,9 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	m.memoryLevel.Store(int32(memoryLevel))
 
 	m.updateShedding(max(memoryLevel, cpuLevel) >= PressureSoft)
+	if memoryLevel == PressureHard && m.preempt != nil {
+		m.preempt()
+	}
 }
 
 // transition updates one resource's threshold, and logs and reports a

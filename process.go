@@ -18,8 +18,12 @@ const (
 // sample interval while pressure lasts, never the highest priority. A task on
 // its last attempt is not shed, because asynq would archive it.
 //
-// NOTE: hard pressure sheds like soft pressure; it does not yet preempt
-// running tasks.
+// Hard memory pressure also preempts running tasks, one per sample while it
+// lasts: of the queues below the highest priority, the lowest priority first
+// and, within it, the largest memory reservation (Budget.TaskMemory or the
+// estimator's value). A preempted task's context is canceled and the task
+// is deferred without spending a retry. A task on its last attempt is never
+// preempted.
 //
 // Each threshold is given either as an absolute value or as a fraction of
 // the limit detected at start: the cgroup limit in a container, otherwise the

@@ -39,6 +39,15 @@ type taskRun struct {
 	// timer fires at the budget's deadline and then after the grace period.
 	// It stays with the run when the run is recycled.
 	timer *time.Timer
+	// preempt receives one signal when hard memory pressure preempts the
+	// run; preempted records it. A run on its last attempt is not
+	// preemptible, because asynq would archive it.
+	preempt     chan struct{}
+	preempted   atomic.Bool
+	preemptible bool
+	// chosen is true once preemption picked the run, in either mode, so that
+	// observe mode counts each run once.
+	chosen bool
 }
 
 type runResult struct {
@@ -66,22 +75,15 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 	l.running.Add(1)
 	q.inFlight.Add(1)
 	q.metrics.inFlight.Inc()
+	if l.tracksRuns {
+		r.preemptible = !lastAttempt(ctx)
+		q.track(r)
+	}
 	go r.execute()
 
-	var res runResult
-	select {
-	case res = <-r.done:
-	case <-expired:
-		q.metrics.timeouts.Inc()
-		r.ctx.cancel(context.DeadlineExceeded)
-		if res, ok = r.awaitGrace(l.abandonGrace); !ok {
-			return l.abandon(r)
-		}
-	case <-ctx.Done():
-		r.ctx.cancel(ctx.Err())
-		if res, ok = r.awaitGrace(l.abandonGrace); !ok {
-			return l.abandon(r)
-		}
+	res, finished := l.await(r, ctx, expired)
+	if !finished {
+		return l.abandon(r)
 	}
 	r.timer.Stop()
 	// Like the cancel function of context.WithDeadline: whatever the handler
@@ -94,9 +96,33 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 		l.recycle(r)
 		panic(res.panicVal)
 	}
-	err := l.report(r, res.err)
+	var err error
+	if r.preempted.Load() {
+		err = l.reportPreempted(r, res.err)
+	} else {
+		err = l.report(r, res.err)
+	}
 	l.recycle(r)
 	return err
+}
+
+// await waits for the handler to return, or for its deadline, the end of
+// the task's context or a preemption, after which it ends the handler's
+// context and gives it the grace period. finished is false when the handler
+// was marked abandoned.
+func (l *Limiter) await(r *taskRun, parent context.Context, expired <-chan time.Time) (res runResult, finished bool) {
+	select {
+	case res = <-r.done:
+		return res, true
+	case <-expired:
+		r.q.metrics.timeouts.Inc()
+		r.ctx.cancel(context.DeadlineExceeded)
+	case <-parent.Done():
+		r.ctx.cancel(parent.Err())
+	case <-r.preempt:
+		r.ctx.cancel(context.Canceled)
+	}
+	return r.awaitGrace(l.abandonGrace)
 }
 
 // budgetDeadline returns start + timeout, and whether it is earlier than the
@@ -115,9 +141,15 @@ func budgetDeadline(ctx context.Context, start time.Time, timeout time.Duration)
 func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g grant, start time.Time) *taskRun {
 	r, _ := l.runs.Get().(*taskRun)
 	if r == nil {
-		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour)}
+		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour), preempt: make(chan struct{}, 1)}
 		r.timer.Stop()
 	}
+	select {
+	case <-r.preempt: // a signal that came after the last handler returned
+	default:
+	}
+	r.preempted.Store(false)
+	r.chosen = false
 	r.q, r.task, r.next, r.grant, r.start = q, t, next, g, start
 	r.state.Store(runRunning)
 	return r
@@ -138,6 +170,9 @@ func (r *taskRun) execute() {
 	res := runResult{err: errGoexit}
 	defer func() {
 		elapsed := time.Since(r.start)
+		if r.l.tracksRuns {
+			r.q.untrack(r)
+		}
 		r.q.finish(r.grant, elapsed)
 		r.l.running.Add(-1)
 		if res.err == errGoexit {
@@ -258,11 +293,14 @@ func outcomeOf(err, ctxErr error) Outcome {
 func (l *Limiter) abandon(r *taskRun) error {
 	q, ctxErr := r.q, r.ctx.Err()
 	elapsed := time.Since(r.start)
-	q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
 	l.logEvent(r.ctx, q, r.task, slog.LevelWarn,
 		"asynqlimit: handler ignores its context and is still running; its budget stays held until it returns",
 		"elapsed", elapsed, "timeout", q.budget.Timeout, "error", ctxErr)
 
+	if r.preempted.Load() {
+		return l.preemptDeferral(r)
+	}
+	q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
 	if errors.Is(ctxErr, context.DeadlineExceeded) {
 		return fmt.Errorf("%w: handler on queue %q still running %s after it started; make the handler return when its context ends: %w",
 			ErrTimedOut, q.name, elapsed.Round(time.Millisecond), ctxErr)
