@@ -68,6 +68,18 @@ type Budget struct {
 	// no WithMemoryEstimator function is given. It also orders preemption
 	// under hard memory pressure, largest first.
 	TaskMemory int64
+	// CPU is the CPU, in cores, that the queue's tasks may use together,
+	// averaged over the CPU window (WithCPUWindow). While the queue is over
+	// it, its new tasks are deferred with reason "cpu". Each task's CPU time
+	// is read from the clock of the OS thread its handler is locked to, on
+	// Linux only; CPU used by goroutines the handler starts is not seen, and
+	// a locked handler pays more for each wait (see package threadcpu). If
+	// zero, the queue has no CPU budget.
+	CPU float64
+	// TaskCPU is the CPU time one task may use. A task over it has its
+	// context ended and counts as timed_out. It is checked every sample
+	// interval. If zero, there is no limit.
+	TaskCPU time.Duration
 }
 
 // validate returns one FieldError for each invalid field, with paths under
@@ -85,6 +97,8 @@ func (b Budget) validate(path string) []FieldError {
 	check(b.DeferDelay >= 0, "DeferDelay", "must be >= 0, got %s (0 means %s)", b.DeferDelay, DefaultDeferDelay)
 	check(b.Memory >= 0, "Memory", "must be >= 0 bytes, got %d (0 means no memory budget)", b.Memory)
 	check(b.TaskMemory >= 0, "TaskMemory", "must be >= 0 bytes, got %d", b.TaskMemory)
+	check(b.CPU >= 0, "CPU", "must be >= 0 cores, got %v (0 means no CPU budget)", b.CPU)
+	check(b.TaskCPU >= 0, "TaskCPU", "must be >= 0, got %s (0 means no limit)", b.TaskCPU)
 	check(b.MaxDeferDelay >= 0, "MaxDeferDelay", "must be >= 0, got %s (0 means %s)", b.MaxDeferDelay, DefaultMaxDeferDelay)
 	if b.MaxDeferDelay > 0 && b.deferDelay() > b.MaxDeferDelay {
 		check(false, "MaxDeferDelay", "must be >= DeferDelay (%s), got %s", b.deferDelay(), b.MaxDeferDelay)
@@ -118,10 +132,15 @@ type queueState struct {
 	slots *semaphore.Weighted
 	// memory holds the queue's memory budget in bytes; nil without one.
 	memory *semaphore.Weighted
-	// runs holds the running tasks that preemption may choose from, when
-	// the Limiter tracks them.
-	runsMu sync.Mutex
-	runs   map[*taskRun]struct{}
+	// runs holds the running tasks, for preemption and CPU accounting, when
+	// tracked is true.
+	tracked bool
+	runsMu  sync.Mutex
+	runs    map[*taskRun]struct{}
+	// cpuAccounting is true when the queue has a CPU budget or a TaskCPU
+	// limit and thread CPU time can be measured.
+	cpuAccounting bool
+	cpu           queueCPU
 	// inFlight counts handlers that have not returned, abandoned ones
 	// included.
 	inFlight atomic.Int64
@@ -156,7 +175,9 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 	if b.Memory > 0 {
 		q.memory = semaphore.NewWeighted(b.Memory)
 	}
-	if l.tracksRuns {
+	q.cpuAccounting = l.cpuAccounting && (b.CPU > 0 || b.TaskCPU > 0)
+	q.tracked = l.tracksRuns || q.cpuAccounting
+	if q.tracked {
 		q.runs = make(map[*taskRun]struct{})
 	}
 	return q

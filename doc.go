@@ -68,6 +68,15 @@
 // tasks of the lowest priority, largest memory reservation first, one per
 // sample; they are deferred without spending a retry.
 //
+// # CPU
+//
+// Budget.CPU caps the cores that a queue's tasks use together, averaged over
+// WithCPUWindow; new tasks of a queue over it are deferred with reason "cpu".
+// Budget.TaskCPU ends the context of a task that uses more CPU time. Each
+// task's CPU time is read, on Linux only, from the clock of the OS thread
+// its handler is locked to while it runs, so CPU used by goroutines the
+// handler starts is not counted. WithoutCPUAccounting turns this off.
+//
 // # Observe mode
 //
 // With Mode: Observe every decision is made, counted and logged, but every

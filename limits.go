@@ -122,6 +122,10 @@ type Limiter struct {
 	// highestPriority is the highest Budget.Priority; its tasks are never
 	// preempted.
 	highestPriority int
+	// cpuAccounting is false when thread CPU time cannot or may not be
+	// measured; CPU budgets then do nothing.
+	cpuAccounting bool
+	cpuWindow     time.Duration
 
 	inspector      *asynq.Inspector
 	ownsInspector  bool
@@ -171,11 +175,16 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 		l.highestPriority = max(l.highestPriority, b.Priority)
 	}
 	l.tracksRuns = limits.Process.MemoryHard > 0 || limits.Process.MemoryHardFraction > 0
+	l.cpuWindow = o.cpuWindow
+	l.cpuAccounting = cpuAccountingNote(o.noCPUAccounting) == ""
+	if note := cpuAccountingNote(o.noCPUAccounting); note != "" && limits.hasCPUBudget() {
+		l.logger.Warn("asynqlimit: CPU budgets and TaskCPU limits are not enforced: " + note)
+	}
 	for name, b := range limits.Queues {
 		l.named[name] = l.newQueueState(name, name, b)
 	}
-	if limits.Process.enabled() {
-		if l.monitor, err = startMonitor(limits, o, m.process, l.preemptOne); err != nil {
+	if limits.Process.enabled() || (l.cpuAccounting && limits.hasCPUBudget()) {
+		if l.monitor, err = l.startMonitor(o); err != nil {
 			return nil, err
 		}
 	}
@@ -225,9 +234,40 @@ func checkMemoryEstimates(limits Limits, estimator MemoryEstimator) error {
 	return &ConfigError{Fields: fields}
 }
 
-// startMonitor detects the process's limits, when a threshold is a fraction
-// of them, and starts sampling.
-func startMonitor(limits Limits, o options, pm *processMetrics, preempt func() bool) (*monitor, error) {
+// hasCPUBudget reports whether any budget sets CPU or TaskCPU.
+func (l Limits) hasCPUBudget() bool {
+	if l.Default.CPU > 0 || l.Default.TaskCPU > 0 {
+		return true
+	}
+	for _, b := range l.Queues {
+		if b.CPU > 0 || b.TaskCPU > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// startMonitor starts the sampling goroutine: process pressure when
+// Limits.Process sets a threshold, and the queues' CPU use.
+func (l *Limiter) startMonitor(o options) (*monitor, error) {
+	var m *monitor
+	if l.limits.Process.enabled() {
+		var err error
+		if m, err = startProcessMonitor(l.limits, o, l.metrics.process); err != nil {
+			return nil, err
+		}
+		m.preempt = l.preemptOne
+	} else {
+		m = newCPUOnlyMonitor(o.sampleInterval, o.logger)
+	}
+	m.sampleCPU = l.sampleCPU
+	go m.run()
+	return m, nil
+}
+
+// startProcessMonitor detects the process's limits, when a threshold is a
+// fraction of them, and builds the monitor of process pressure.
+func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error) {
 	detected := o.detected
 	if detected == nil {
 		d, err := resource.DetectLimits()
@@ -249,10 +289,7 @@ func startMonitor(limits Limits, o options, pm *processMetrics, preempt func() b
 	for _, b := range limits.Queues {
 		priorities = append(priorities, b.Priority)
 	}
-	m := newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm)
-	m.preempt = preempt
-	go m.run()
-	return m, nil
+	return newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm), nil
 }
 
 // Drain waits until every handler that the middleware started has returned,

@@ -62,6 +62,9 @@ type metrics struct {
 	waits       *prometheus.CounterVec
 	timeouts    *prometheus.CounterVec
 	preemptions *prometheus.CounterVec
+	taskCPU     *prometheus.HistogramVec
+	cpuCores    *prometheus.GaugeVec
+	cpuBudget   *prometheus.GaugeVec
 	memReserved *prometheus.GaugeVec
 	memBudget   *prometheus.GaugeVec
 	// queues reports asynq's queue sizes; nil without an inspector or a
@@ -82,6 +85,8 @@ type queueMetrics struct {
 	waits       prometheus.Counter
 	timeouts    prometheus.Counter
 	preemptions prometheus.Counter
+	taskCPU     prometheus.Observer
+	cpuCores    prometheus.Gauge
 
 	memoryReserved prometheus.Gauge
 }
@@ -130,6 +135,19 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 			Namespace: namespace, Name: "queue_memory_budget_bytes",
 			Help: "Memory budget of the queue; 0 means none.",
 		}, queue),
+		taskCPU: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "task_cpu_seconds",
+			Help:    "CPU time of each task, measured on its handler's thread, for queues that account CPU.",
+			Buckets: durationBuckets,
+		}, queue),
+		cpuCores: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "queue_cpu_cores",
+			Help: "CPU use of the queue's tasks averaged over the CPU window, in cores.",
+		}, queue),
+		cpuBudget: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "queue_cpu_budget_cores",
+			Help: "CPU budget of the queue in cores; 0 means none.",
+		}, queue),
 		preemptions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "preemptions_total",
 			Help: "Running tasks chosen for preemption under hard memory pressure; in observe mode they ran on.",
@@ -143,10 +161,12 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 	m.process = newProcessMetrics()
 	m.concurrency.WithLabelValues(otherLabel).Set(float64(limits.Default.Concurrency))
 	m.memBudget.WithLabelValues(otherLabel).Set(float64(limits.Default.Memory))
+	m.cpuBudget.WithLabelValues(otherLabel).Set(limits.Default.CPU)
 	m.forQueue(otherLabel)
 	for name, b := range limits.Queues {
 		m.concurrency.WithLabelValues(name).Set(float64(b.Concurrency))
 		m.memBudget.WithLabelValues(name).Set(float64(b.Memory))
+		m.cpuBudget.WithLabelValues(name).Set(b.CPU)
 		m.forQueue(name)
 	}
 
@@ -154,7 +174,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 		return m, nil
 	}
 	collectors := []prometheus.Collector{
-		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts, m.preemptions, m.memReserved, m.memBudget,
+		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts, m.preemptions, m.taskCPU, m.cpuCores, m.cpuBudget, m.memReserved, m.memBudget,
 	}
 	collectors = append(collectors, m.process.collectors()...)
 	if insp != nil {
@@ -180,6 +200,8 @@ func (m *metrics) forQueue(label string) queueMetrics {
 		waits:       m.waits.WithLabelValues(label),
 		timeouts:    m.timeouts.WithLabelValues(label),
 		preemptions: m.preemptions.WithLabelValues(label),
+		taskCPU:     m.taskCPU.WithLabelValues(label),
+		cpuCores:    m.cpuCores.WithLabelValues(label),
 
 		memoryReserved: m.memReserved.WithLabelValues(label),
 	}

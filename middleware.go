@@ -79,6 +79,9 @@ func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (gran
 			return grant{}, err
 		}
 	}
+	if err := l.admitCPU(ctx, q, t); err != nil {
+		return grant{}, err
+	}
 	slot, err := l.admitSlot(ctx, q, t)
 	if err != nil {
 		return grant{}, err

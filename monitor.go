@@ -43,6 +43,8 @@ type monitor struct {
 	// preempt preempts one running task; called once per sample while
 	// memory pressure is hard.
 	preempt func() bool
+	// sampleCPU updates the queues' CPU use; called every interval.
+	sampleCPU func(now time.Time)
 
 	stop chan struct{}
 	done chan struct{}
@@ -70,6 +72,15 @@ func newMonitor(p ProcessLimits, sampler Sampler, detected resource.Limits, inte
 	return m
 }
 
+// newCPUOnlyMonitor returns a monitor that only samples the queues' CPU
+// use, for Limits without process thresholds.
+func newCPUOnlyMonitor(interval time.Duration, logger *slog.Logger) *monitor {
+	m := &monitor{interval: interval, logger: logger, ladder: newShedLadder(nil),
+		stop: make(chan struct{}), done: make(chan struct{})}
+	m.shedMax.Store(noShed)
+	return m
+}
+
 // run samples every interval until close.
 func (m *monitor) run() {
 	defer close(m.done)
@@ -79,9 +90,14 @@ func (m *monitor) run() {
 		select {
 		case <-m.stop:
 			return
-		case <-ticker.C:
-			s, err := m.sampler.Sample()
-			m.step(s, err, time.Now())
+		case now := <-ticker.C:
+			if m.sampler != nil {
+				s, err := m.sampler.Sample()
+				m.step(s, err, now)
+			}
+			if m.sampleCPU != nil {
+				m.sampleCPU(now)
+			}
 		}
 	}
 }

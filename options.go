@@ -35,6 +35,9 @@ type options struct {
 	// detected replaces the detected process limits, for tests.
 	detected  *resource.Limits
 	estimator MemoryEstimator
+
+	noCPUAccounting bool
+	cpuWindow       time.Duration
 }
 
 // Defaults of the options.
@@ -54,6 +57,7 @@ func defaultOptions() options {
 		logBurst:     DefaultLogBurst,
 
 		sampleInterval: DefaultSampleInterval,
+		cpuWindow:      DefaultCPUWindow,
 	}
 }
 
@@ -144,4 +148,21 @@ func withDetectedLimits(d resource.Limits) Option {
 // reservation for the queues' Memory budgets, in place of Budget.TaskMemory.
 func WithMemoryEstimator(f MemoryEstimator) Option {
 	return optionFunc(func(o *options) { o.estimator = f })
+}
+
+// WithoutCPUAccounting turns off the measurement of each task's CPU time,
+// which locks the handler's goroutine to an OS thread while it runs. Budget.CPU
+// and Budget.TaskCPU then have no effect.
+func WithoutCPUAccounting() Option {
+	return optionFunc(func(o *options) { o.noCPUAccounting = true })
+}
+
+// WithCPUWindow sets the window over which a queue's CPU use is averaged for
+// Budget.CPU. If zero or less, DefaultCPUWindow.
+func WithCPUWindow(d time.Duration) Option {
+	return optionFunc(func(o *options) {
+		if d > 0 {
+			o.cpuWindow = d
+		}
+	})
 }

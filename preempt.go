@@ -76,7 +76,10 @@ func (l *Limiter) preemptOne() bool {
 		"reservation_bytes", r.grant.reservation, "running_for", time.Since(r.start), "mode", l.limits.Mode.String())
 	if l.limits.Mode == Enforce {
 		r.preempted.Store(true)
-		r.preempt <- struct{}{} // buffered, and sent once per run
+		select {
+		case r.stop <- struct{}{}:
+		default: // a CPU stop is already pending
+		}
 	}
 	return true
 }

@@ -39,7 +39,7 @@ func TestPreemptOrder(t *testing.T) {
 			t.Fatalf("step %d: the expected run (queue %s, reservation %d) was not preempted", i, w.q.name, w.grant.reservation)
 		}
 		select {
-		case <-w.preempt:
+		case <-w.stop:
 		default:
 			t.Errorf("step %d: no preempt signal sent", i)
 		}

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+
+	"github.com/asynqlimit/asynqlimit/internal/threadcpu"
 )
 
 // The states of a taskRun. The handler goroutine moves running to finished
@@ -39,12 +41,18 @@ type taskRun struct {
 	// timer fires at the budget's deadline and then after the grace period.
 	// It stays with the run when the run is recycled.
 	timer *time.Timer
-	// preempt receives one signal when hard memory pressure preempts the
-	// run; preempted records it. A run on its last attempt is not
+	// stop receives a signal when hard memory pressure preempts the run, or
+	// it runs over its CPU time; preempted and overCPU say which. A run on its last attempt is not
 	// preemptible, because asynq would archive it.
-	preempt     chan struct{}
+	stop        chan struct{}
 	preempted   atomic.Bool
 	preemptible bool
+	// overCPU records that the task used more than its TaskCPU.
+	overCPU atomic.Bool
+	// thread is the OS thread the handler is locked to while hasThread;
+	// both are guarded by the queue's runsMu.
+	thread    threadcpu.Thread
+	hasThread bool
 	// chosen is true once preemption picked the run, in either mode, so that
 	// observe mode counts each run once.
 	chosen bool
@@ -75,8 +83,8 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 	l.running.Add(1)
 	q.inFlight.Add(1)
 	q.metrics.inFlight.Inc()
-	if l.tracksRuns {
-		r.preemptible = !lastAttempt(ctx)
+	if q.tracked {
+		r.preemptible = l.tracksRuns && !lastAttempt(ctx)
 		q.track(r)
 	}
 	go r.execute()
@@ -97,9 +105,13 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 		panic(res.panicVal)
 	}
 	var err error
-	if r.preempted.Load() {
+	switch {
+	case r.preempted.Load():
 		err = l.reportPreempted(r, res.err)
-	} else {
+	case r.overCPU.Load() && l.limits.Mode == Enforce && res.err != nil:
+		q.metrics.outcomes[OutcomeTimedOut].Inc()
+		err = overCPUError(q)
+	default:
 		err = l.report(r, res.err)
 	}
 	l.recycle(r)
@@ -119,8 +131,12 @@ func (l *Limiter) await(r *taskRun, parent context.Context, expired <-chan time.
 		r.ctx.cancel(context.DeadlineExceeded)
 	case <-parent.Done():
 		r.ctx.cancel(parent.Err())
-	case <-r.preempt:
-		r.ctx.cancel(context.Canceled)
+	case <-r.stop:
+		if r.overCPU.Load() {
+			r.ctx.cancel(context.DeadlineExceeded)
+		} else {
+			r.ctx.cancel(context.Canceled)
+		}
 	}
 	return r.awaitGrace(l.abandonGrace)
 }
@@ -141,14 +157,15 @@ func budgetDeadline(ctx context.Context, start time.Time, timeout time.Duration)
 func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g grant, start time.Time) *taskRun {
 	r, _ := l.runs.Get().(*taskRun)
 	if r == nil {
-		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour), preempt: make(chan struct{}, 1)}
+		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour), stop: make(chan struct{}, 1)}
 		r.timer.Stop()
 	}
 	select {
-	case <-r.preempt: // a signal that came after the last handler returned
+	case <-r.stop: // a signal that came after the last handler returned
 	default:
 	}
 	r.preempted.Store(false)
+	r.overCPU.Store(false)
 	r.chosen = false
 	r.q, r.task, r.next, r.grant, r.start = q, t, next, g, start
 	r.state.Store(runRunning)
@@ -168,9 +185,11 @@ func (r *taskRun) execute() {
 	// A handler that calls runtime.Goexit never returns, but deferred calls
 	// still run, so the budget is released and the task fails with errGoexit.
 	res := runResult{err: errGoexit}
+	unlockThread := r.lockThread()
 	defer func() {
+		unlockThread()
 		elapsed := time.Since(r.start)
-		if r.l.tracksRuns {
+		if r.q.tracked {
 			r.q.untrack(r)
 		}
 		r.q.finish(r.grant, elapsed)
@@ -301,6 +320,9 @@ func (l *Limiter) abandon(r *taskRun) error {
 		return l.preemptDeferral(r)
 	}
 	q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
+	if r.overCPU.Load() {
+		return overCPUError(q)
+	}
 	if errors.Is(ctxErr, context.DeadlineExceeded) {
 		return fmt.Errorf("%w: handler on queue %q still running %s after it started; make the handler return when its context ends: %w",
 			ErrTimedOut, q.name, elapsed.Round(time.Millisecond), ctxErr)

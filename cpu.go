@@ -1,0 +1,175 @@
+package asynqlimit
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math"
+	"sync/atomic"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/asynqlimit/asynqlimit/internal/threadcpu"
+)
+
+// DefaultCPUWindow is the window over which a queue's CPU use is averaged
+// for its CPU budget.
+const DefaultCPUWindow = time.Second
+
+// cpuReading is a queue's total CPU time at one instant.
+type cpuReading struct {
+	at    time.Time
+	total time.Duration
+}
+
+// queueCPU is the CPU accounting of one queue. Finished tasks add their CPU
+// time to finished under the queue's runsMu, in the same critical section
+// that untracks them, so that a reading of finished plus the running tasks'
+// CPU time counts every task exactly once.
+type queueCPU struct {
+	finished time.Duration
+	// readings holds the totals of the current window, oldest first; only
+	// the sampling goroutine uses it.
+	readings []cpuReading
+	// cores is the float64 bits of the average use over the window, read by
+	// admission without a lock.
+	cores atomic.Uint64
+}
+
+// usedCores returns the queue's average CPU use over the window, in cores.
+func (q *queueState) usedCores() float64 {
+	return math.Float64frombits(q.cpu.cores.Load())
+}
+
+// lockThread locks the run's goroutine to its thread, when the queue
+// accounts CPU, and returns the function that unlocks it and records the
+// task's CPU time.
+func (r *taskRun) lockThread() func() {
+	q := r.q
+	if !q.cpuAccounting {
+		return func() {}
+	}
+	th, err := threadcpu.Lock()
+	if err != nil {
+		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: measuring the task's CPU time failed", "error", err)
+		return func() {}
+	}
+	q.runsMu.Lock()
+	r.thread, r.hasThread = th, true
+	q.runsMu.Unlock()
+
+	return func() {
+		used, err := th.Unlock()
+		q.runsMu.Lock()
+		r.hasThread = false
+		if err == nil {
+			q.cpu.finished += used
+		}
+		q.runsMu.Unlock()
+		if err != nil {
+			r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: reading the task's CPU time failed", "error", err)
+			return
+		}
+		q.metrics.taskCPU.Observe(used.Seconds())
+	}
+}
+
+// sampleCPU updates the CPU use of every queue that accounts CPU and stops
+// the tasks over their TaskCPU limit.
+func (l *Limiter) sampleCPU(now time.Time) {
+	l.eachQueue(func(q *queueState) {
+		if q.cpuAccounting {
+			l.sampleQueueCPU(q, now)
+		}
+	})
+}
+
+func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
+	q.runsMu.Lock()
+	total := q.cpu.finished
+	for r := range q.runs {
+		if !r.hasThread {
+			continue
+		}
+		used, err := r.thread.Used()
+		if err != nil {
+			continue // the task is finishing; its time arrives in finished
+		}
+		total += used
+		if q.budget.TaskCPU > 0 && used > q.budget.TaskCPU {
+			l.stopOverCPU(r, used)
+		}
+	}
+	q.runsMu.Unlock()
+
+	q.cpu.readings = append(q.cpu.readings, cpuReading{at: now, total: total})
+	cutoff := now.Add(-l.cpuWindow)
+	drop := 0
+	for drop < len(q.cpu.readings)-1 && !q.cpu.readings[drop+1].at.After(cutoff) {
+		drop++
+	}
+	q.cpu.readings = q.cpu.readings[drop:]
+
+	cores := 0.0
+	if first := q.cpu.readings[0]; now.After(first.at) {
+		cores = (total - first.total).Seconds() / now.Sub(first.at).Seconds()
+	}
+	q.cpu.cores.Store(math.Float64bits(cores))
+	q.metrics.cpuCores.Set(cores)
+}
+
+// stopOverCPU ends the context of a task over its queue's TaskCPU limit. The
+// caller holds q.runsMu.
+func (l *Limiter) stopOverCPU(r *taskRun, used time.Duration) {
+	if r.overCPU.Load() {
+		return
+	}
+	l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn, "asynqlimit: task used more CPU time than its queue's TaskCPU",
+		"cpu_time", used, "task_cpu", r.q.budget.TaskCPU, "mode", l.limits.Mode.String())
+	r.q.metrics.timeouts.Inc()
+	if l.limits.Mode == Observe {
+		r.overCPU.Store(true) // counted once
+		return
+	}
+	r.overCPU.Store(true)
+	select {
+	case r.stop <- struct{}{}:
+	default:
+	}
+}
+
+// admitCPU returns the error that defers a task of a queue over its CPU
+// budget. In observe mode, and for a task on its last attempt, it only counts
+// and logs the decision.
+func (l *Limiter) admitCPU(ctx context.Context, q *queueState, t *asynq.Task) error {
+	used := q.usedCores()
+	if !q.cpuAccounting || q.budget.CPU == 0 || used < q.budget.CPU {
+		return nil
+	}
+	if l.limits.Mode == Enforce && !lastAttempt(ctx) {
+		return l.deferTask(ctx, q, t, ReasonCPU)
+	}
+	q.metrics.deferrals[ReasonCPU].Inc()
+	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would be deferred for CPU; it runs because of observe mode or its last attempt",
+		"reason", ReasonCPU, "cpu_cores", used, "cpu_budget_cores", q.budget.CPU)
+	return nil
+}
+
+// overCPUError returns the error of a task stopped for its CPU time. It
+// matches ErrTimedOut and context.DeadlineExceeded.
+func overCPUError(q *queueState) error {
+	return fmt.Errorf("%w: task used more than the TaskCPU of %s of queue %q: %w",
+		ErrTimedOut, q.budget.TaskCPU, q.name, context.DeadlineExceeded)
+}
+
+// cpuAccountingNote returns why CPU budgets cannot be measured here, or "".
+func cpuAccountingNote(disabled bool) string {
+	switch {
+	case disabled:
+		return "WithoutCPUAccounting turned CPU accounting off"
+	case !threadcpu.Supported():
+		return "thread CPU time is measured only on Linux"
+	}
+	return ""
+}
