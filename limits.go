@@ -289,7 +289,11 @@ func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor
 	for _, b := range limits.Queues {
 		priorities = append(priorities, b.Priority)
 	}
-	return newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm), nil
+	m := newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm)
+	if limits.Process.SetGoMemoryLimit {
+		m.setGoMemoryLimit()
+	}
+	return m, nil
 }
 
 // Drain waits until every handler that the middleware started has returned,

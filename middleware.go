@@ -74,7 +74,11 @@ func (l *Limiter) checkPayload(ctx context.Context, q *queueState, t *asynq.Task
 // admit returns what the task holds while it runs, or the error that defers
 // it.
 func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (grant, error) {
-	if l.monitor != nil && l.monitor.sheds(q.budget.Priority) {
+	var g grant
+	if q.memory != nil || l.monitor != nil {
+		g.reservation = l.estimate(q, t)
+	}
+	if l.monitor != nil && l.monitor.sheds(q.budget.Priority, g.reservation) {
 		if err := l.shed(ctx, q, t); err != nil {
 			return grant{}, err
 		}
@@ -86,15 +90,14 @@ func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (gran
 	if err != nil {
 		return grant{}, err
 	}
-	g := grant{slot: slot}
-	if q.memory == nil && l.monitor == nil {
-		return g, nil
-	}
+	g.slot = slot
 
-	g.reservation = l.estimate(q, t)
 	if g.memory, err = l.admitMemory(ctx, q, t, g.reservation); err != nil {
 		q.release(g)
 		return grant{}, err
+	}
+	if l.monitor != nil {
+		l.monitor.pending.Add(g.reservation)
 	}
 	return g, nil
 }

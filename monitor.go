@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"os"
+	"runtime/debug"
 	"sync/atomic"
 	"time"
 
@@ -39,12 +41,27 @@ type monitor struct {
 	shedMax atomic.Int64
 	// memoryLevel is the memory Pressure at the last sample.
 	memoryLevel atomic.Int32
+	// lastRSS is the resident memory at the last sample, and pending the
+	// memory reserved by the tasks admitted since: admission adds them up so
+	// that a burst of admissions cannot overshoot a threshold before the next
+	// sample sees it.
+	lastRSS atomic.Int64
+	pending atomic.Int64
+	// lowest is the lowest priority below the highest, shed first when the
+	// projected memory reaches the soft threshold; hasLowest is false with
+	// a single priority.
+	lowest    int
+	hasLowest bool
 
 	// preempt preempts one running task; called once per sample while
 	// memory pressure is hard.
 	preempt func() bool
 	// sampleCPU updates the queues' CPU use; called every interval.
 	sampleCPU func(now time.Time)
+
+	// restoreMemoryLimit undoes SetGoMemoryLimit on close; nil when the
+	// limit was not changed.
+	restoreMemoryLimit func()
 
 	stop chan struct{}
 	done chan struct{}
@@ -63,6 +80,9 @@ func newMonitor(p ProcessLimits, sampler Sampler, detected resource.Limits, inte
 	}
 	m.memory, m.cpu = p.resolve(detected.MemoryBytes, detected.CPUCores)
 	m.shedMax.Store(noShed)
+	if len(m.ladder.priorities) > 0 {
+		m.lowest, m.hasLowest = m.ladder.priorities[0], true
+	}
 	pm.setLimits(m.memory, m.cpu)
 	logger.Info("asynqlimit: process limits",
 		"memory_limit_bytes", detected.MemoryBytes, "memory_limit_source", detected.MemorySource,
@@ -105,6 +125,23 @@ func (m *monitor) run() {
 func (m *monitor) close() {
 	close(m.stop)
 	<-m.done
+	if m.restoreMemoryLimit != nil {
+		m.restoreMemoryLimit()
+	}
+}
+
+// setGoMemoryLimit sets the runtime's soft memory limit to the soft memory
+// threshold unless a limit is set already.
+func (m *monitor) setGoMemoryLimit() {
+	soft := int64(m.memory.soft)
+	previous := debug.SetMemoryLimit(-1)
+	if soft <= 0 || previous != math.MaxInt64 || os.Getenv("GOMEMLIMIT") != "" {
+		m.logger.Info("asynqlimit: Go memory limit left as it is", "limit_bytes", previous, "soft_threshold_bytes", soft)
+		return
+	}
+	debug.SetMemoryLimit(soft)
+	m.restoreMemoryLimit = func() { debug.SetMemoryLimit(previous) }
+	m.logger.Info("asynqlimit: Go memory limit set to the soft memory threshold", "limit_bytes", soft)
 }
 
 // step turns one sample into pressure levels and a shedding decision. A
@@ -127,6 +164,8 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	memoryLevel := m.transition("memory", &m.memory, float64(s.RSS), now)
 	cpuLevel := m.transition("cpu", &m.cpu, cores, now)
 	m.memoryLevel.Store(int32(memoryLevel))
+	m.lastRSS.Store(s.RSS)
+	m.pending.Store(0)
 
 	m.updateShedding(max(memoryLevel, cpuLevel) >= PressureSoft)
 	if memoryLevel == PressureHard && m.preempt != nil {
@@ -162,9 +201,31 @@ func (m *monitor) updateShedding(pressure bool) {
 	}
 }
 
-// sheds reports whether soft pressure sheds new tasks of priority.
-func (m *monitor) sheds(priority int) bool {
-	return int64(priority) <= m.shedMax.Load()
+// sheds reports whether pressure sheds a new task of priority that would
+// reserve reservation bytes: because the ladder sheds its priority, or
+// because the reservations admitted since the last sample and its own would
+// take that sample's memory over a threshold it was below. Crossing soft
+// sheds the lowest priority; crossing hard sheds every priority but the
+// highest. A sample already over a threshold is left to the grace period.
+func (m *monitor) sheds(priority int, reservation int64) bool {
+	if int64(priority) <= m.shedMax.Load() {
+		return true
+	}
+	if !m.hasLowest || m.memory.soft == 0 && m.memory.hard == 0 {
+		return false
+	}
+	sampled := m.lastRSS.Load()
+	level := m.memory.rawLevel(float64(sampled+m.pending.Load()+reservation), 0)
+	if level <= m.memory.rawLevel(float64(sampled), 0) {
+		return false
+	}
+	switch level {
+	case PressureHard:
+		return priority < m.ladder.highest
+	case PressureSoft:
+		return priority <= m.lowest
+	}
+	return false
 }
 
 func shedLabel(maxShed int64) string {

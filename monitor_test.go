@@ -3,6 +3,9 @@ package asynqlimit
 import (
 	"context"
 	"errors"
+	"math"
+	"os"
+	"runtime/debug"
 	"sync"
 	"testing"
 	"time"
@@ -82,7 +85,7 @@ func TestMonitorShedsLadder(t *testing.T) {
 	for _, s := range steps {
 		m.step(ResourceSample{RSS: s.rss}, nil, start.Add(s.after))
 		for priority, want := range s.shed {
-			if got := m.sheds(priority); got != want {
+			if got := m.sheds(priority, 0); got != want {
 				t.Fatalf("at +%s with RSS %d: sheds(%d) = %v, want %v", s.after, s.rss, priority, got, want)
 			}
 		}
@@ -95,12 +98,12 @@ func TestMonitorSamplerErrorKeepsDecision(t *testing.T) {
 	now := time.Unix(1000, 0)
 	m.step(ResourceSample{RSS: 200}, nil, now)
 	m.step(ResourceSample{RSS: 200}, nil, now.Add(time.Second))
-	if !m.sheds(0) {
+	if !m.sheds(0, 0) {
 		t.Fatal("sheds(0) = false under soft pressure")
 	}
 
 	m.step(ResourceSample{}, errors.New("read /proc: permission denied"), now.Add(2*time.Second))
-	if !m.sheds(0) {
+	if !m.sheds(0, 0) {
 		t.Errorf("sheds(0) = false after a failed sample, want the last decision kept")
 	}
 	if got := testutil.ToFloat64(m.metrics.samplerErrors); got != 1 {
@@ -170,7 +173,7 @@ func TestPressureShedsLowQueue(t *testing.T) {
 	}, WithSampler(sampler), WithSampleInterval(20*time.Millisecond), withDetectedLimits(testDetected))
 	m := h.srv.limiter.monitor
 	sampler.set(200, nil)
-	waitFor(t, 5*time.Second, func() bool { return m.sheds(0) },
+	waitFor(t, 5*time.Second, func() bool { return m.sheds(0, 0) },
 		func() string { return "soft pressure never shed priority 0" })
 
 	low := h.enqueue("low", "work", nil, asynq.MaxRetry(3))
@@ -189,5 +192,45 @@ func TestPressureShedsLowQueue(t *testing.T) {
 		func() string { return "low-priority task did not complete after pressure ended" })
 	if got := h.taskInfo("low", low.ID).Retried; got != 0 {
 		t.Errorf("low task Retried = %d, want 0 after pressure deferrals", got)
+	}
+}
+
+func TestMonitorCountsPendingReservations(t *testing.T) {
+	l, _, _ := newMonitoredLimiter(t, threeQueues(ProcessLimits{MemorySoft: 100, MemoryHard: 500}))
+	m := l.monitor
+	m.step(ResourceSample{RSS: 50}, nil, time.Unix(1000, 0))
+
+	if m.sheds(0, 30) {
+		t.Fatalf("sheds(0, 30) at RSS 50 = true, want false: 80 is below the soft 100")
+	}
+	m.pending.Add(30) // one task admitted since the sample
+	if !m.sheds(0, 30) {
+		t.Errorf("sheds(0, 30) with 30 pending = false, want true: 50+30+30 reaches the soft 100")
+	}
+	if m.sheds(1, 30) {
+		t.Errorf("sheds(1, 30) = true, want only the lowest priority shed below the hard threshold")
+	}
+	if !m.sheds(1, 420) || m.sheds(2, 420) {
+		t.Errorf("sheds(1, 420), sheds(2, 420) = %v, %v; want true, false: reaching hard sheds all but the highest",
+			m.sheds(1, 420), m.sheds(2, 420))
+	}
+
+	m.step(ResourceSample{RSS: 50}, nil, time.Unix(1001, 0))
+	if m.sheds(0, 30) {
+		t.Errorf("sheds(0, 30) after the next sample = true, want false: the sample resets the pending reservations")
+	}
+}
+
+func TestSetGoMemoryLimit(t *testing.T) {
+	if os.Getenv("GOMEMLIMIT") != "" || debug.SetMemoryLimit(-1) != math.MaxInt64 {
+		t.Skip("a Go memory limit is set already")
+	}
+	l, _, _ := newMonitoredLimiter(t, threeQueues(ProcessLimits{MemorySoft: 3 << 30, SetGoMemoryLimit: true}))
+	if got := debug.SetMemoryLimit(-1); got != 3<<30 {
+		t.Errorf("Go memory limit = %d, want the soft threshold %d", got, int64(3<<30))
+	}
+	l.Close()
+	if got := debug.SetMemoryLimit(-1); got != math.MaxInt64 {
+		t.Errorf("Go memory limit after Close = %d, want it restored to no limit", got)
 	}
 }

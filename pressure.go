@@ -112,6 +112,7 @@ func (th *threshold) rawLevel(value, margin float64) Pressure {
 type shedLadder struct {
 	// priorities holds the distinct priorities below the highest, ascending.
 	priorities []int
+	highest    int
 	// rungs is how many of priorities are shed now.
 	rungs int
 }
@@ -122,6 +123,7 @@ func newShedLadder(all []int) *shedLadder {
 		return l
 	}
 	highest := slices.Max(all)
+	l.highest = highest
 	for _, p := range all {
 		if p != highest && !slices.Contains(l.priorities, p) {
 			l.priorities = append(l.priorities, p)

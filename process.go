@@ -49,6 +49,12 @@ type ProcessLimits struct {
 	// soft pressure starts, and below the recovery line before a level ends.
 	// Hard pressure starts at once. If zero, DefaultPressureGrace.
 	Grace time.Duration
+	// SetGoMemoryLimit sets the Go runtime's soft memory limit
+	// (debug.SetMemoryLimit) to the soft memory threshold while the Limiter
+	// runs, so the garbage collector works harder before shedding starts. It
+	// does nothing when GOMEMLIMIT or an earlier SetMemoryLimit call set a
+	// limit already, and Close restores the previous one.
+	SetGoMemoryLimit bool
 }
 
 // enabled reports whether any threshold is set.
