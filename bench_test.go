@@ -116,3 +116,57 @@ func BenchmarkGoroutineHandoff(b *testing.B) {
 		<-done
 	}
 }
+
+// BenchmarkMiddlewareCPUAccounting is BenchmarkMiddleware with a CPU budget
+// and a TaskCPU limit, so each task locks its handler's goroutine to a
+// thread and reads the thread's CPU clock at start and end.
+func BenchmarkMiddlewareCPUAccounting(b *testing.B) {
+	l, err := New(Limits{Default: Budget{
+		Concurrency: 1 << 20, Timeout: time.Minute, MaxPayload: 1024, CPU: 64, TaskCPU: time.Hour,
+	}}, WithRegisterer(prometheus.NewRegistry()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
+	task := asynq.NewTask("noop", []byte("payload"))
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := h.ProcessTask(ctx, task); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkShedReaction measures the time from the first sample over the
+// soft memory threshold to the first shed decision, in sample intervals,
+// with the grace period set to one interval. Run it with -benchtime=20x.
+func BenchmarkShedReaction(b *testing.B) {
+	const interval = 50 * time.Millisecond
+	sampler := &fakeSampler{}
+	sampler.set(0, nil)
+	l, err := New(Limits{
+		Queues:  map[string]Budget{"low": {Priority: 0}, "high": {Priority: 1}},
+		Process: ProcessLimits{MemorySoft: 100, Grace: interval},
+	}, WithSampler(sampler), WithSampleInterval(interval), withDetectedLimits(testDetected))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+
+	var total time.Duration
+	for b.Loop() {
+		sampler.set(0, nil)
+		for l.monitor.sheds(0, 0) {
+			time.Sleep(time.Millisecond)
+		}
+		start := time.Now()
+		sampler.set(200, nil)
+		for !l.monitor.sheds(0, 0) {
+			time.Sleep(time.Millisecond)
+		}
+		total += time.Since(start)
+	}
+	b.ReportMetric(float64(total)/float64(b.N)/float64(interval), "intervals/shed")
+}

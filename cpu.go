@@ -42,35 +42,49 @@ func (q *queueState) usedCores() float64 {
 	return math.Float64frombits(q.cpu.cores.Load())
 }
 
-// lockThread locks the run's goroutine to its thread, when the queue
-// accounts CPU, and returns the function that unlocks it and records the
-// task's CPU time.
-func (r *taskRun) lockThread() func() {
+// lockThread locks the run's goroutine to its thread and tracks the run,
+// when the queue accounts CPU. Tracking here, rather than in run, takes the
+// queue's lock once at each end.
+func (r *taskRun) lockThread() {
 	q := r.q
 	if !q.cpuAccounting {
-		return func() {}
+		return
 	}
 	th, err := threadcpu.Lock()
+	q.runsMu.Lock()
+	q.runs[r] = struct{}{}
+	r.thread, r.hasThread = th, err == nil
+	q.runsMu.Unlock()
 	if err != nil {
 		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: measuring the task's CPU time failed", "error", err)
-		return func() {}
 	}
-	q.runsMu.Lock()
-	r.thread, r.hasThread = th, true
-	q.runsMu.Unlock()
+}
 
-	return func() {
-		used, err := th.Unlock()
-		q.runsMu.Lock()
-		r.hasThread = false
-		if err == nil {
-			q.cpu.finished += used
-		}
-		q.runsMu.Unlock()
-		if err != nil {
-			r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: reading the task's CPU time failed", "error", err)
-			return
-		}
+// unlockThread undoes lockThread on the same goroutine, untracks the run and
+// records the task's CPU time.
+func (r *taskRun) unlockThread() {
+	q := r.q
+	if !q.cpuAccounting {
+		return
+	}
+	var used time.Duration
+	var err error
+	locked := r.hasThread // written only by this goroutine
+	if locked {
+		used, err = r.thread.Unlock()
+	}
+
+	q.runsMu.Lock()
+	delete(q.runs, r)
+	r.hasThread = false
+	if locked && err == nil {
+		q.cpu.finished += used
+	}
+	q.runsMu.Unlock()
+	switch {
+	case err != nil:
+		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: reading the task's CPU time failed", "error", err)
+	case locked:
 		q.metrics.taskCPU.Observe(used.Seconds())
 	}
 }

@@ -78,7 +78,7 @@ func newMonitor(p ProcessLimits, sampler Sampler, detected resource.Limits, inte
 		stop:     make(chan struct{}),
 		done:     make(chan struct{}),
 	}
-	m.memory, m.cpu = p.resolve(detected.MemoryBytes, detected.CPUCores)
+	m.memory, m.cpu = p.resolve(detected.MemoryBytes, detected.CPUCores, interval)
 	m.shedMax.Store(noShed)
 	if len(m.ladder.priorities) > 0 {
 		m.lowest, m.hasLowest = m.ladder.priorities[0], true

@@ -8,7 +8,6 @@ import (
 // Defaults of ProcessLimits.
 const (
 	DefaultHysteresis     = 0.05
-	DefaultPressureGrace  = time.Second
 	DefaultSampleInterval = 250 * time.Millisecond
 )
 
@@ -47,7 +46,8 @@ type ProcessLimits struct {
 	Hysteresis float64
 	// Grace is how long a reading must stay above the soft threshold before
 	// soft pressure starts, and below the recovery line before a level ends.
-	// Hard pressure starts at once. If zero, DefaultPressureGrace.
+	// Hard pressure starts at once. If zero, one sample interval: two
+	// samples in a row must agree.
 	Grace time.Duration
 	// SetGoMemoryLimit sets the Go runtime's soft memory limit
 	// (debug.SetMemoryLimit) to the soft memory threshold while the Limiter
@@ -106,21 +106,25 @@ func (p ProcessLimits) validate(path string) []FieldError {
 		add("Hysteresis", "must be in [0, 1), got %v (0.05 means 5%% below the threshold)", p.Hysteresis)
 	}
 	if p.Grace < 0 {
-		add("Grace", "must be >= 0, got %s (0 means %s)", p.Grace, DefaultPressureGrace)
+		add("Grace", "must be >= 0, got %s (0 means one sample interval)", p.Grace)
 	}
 	return fields
 }
 
 // resolve returns the absolute thresholds, with fractions taken of the
-// detected limits memLimit (bytes) and cpuLimit (cores).
-func (p ProcessLimits) resolve(memLimit int64, cpuLimit float64) (memory, cpu threshold) {
+// detected limits memLimit (bytes) and cpuLimit (cores). Samples come every
+// interval, a little early or late, so a grace period is judged with half an
+// interval of slack, at most half the grace: otherwise a tick 1ms early
+// would add a whole interval.
+func (p ProcessLimits) resolve(memLimit int64, cpuLimit float64, interval time.Duration) (memory, cpu threshold) {
 	hysteresis, grace := p.Hysteresis, p.Grace
 	if hysteresis == 0 {
 		hysteresis = DefaultHysteresis
 	}
 	if grace == 0 {
-		grace = DefaultPressureGrace
+		grace = interval
 	}
+	grace -= min(interval/2, grace/2)
 	pick := func(absolute, fraction, limit float64) float64 {
 		if absolute > 0 {
 			return absolute

@@ -58,15 +58,17 @@ func TestProcessLimitsValidate(t *testing.T) {
 
 func TestProcessLimitsResolve(t *testing.T) {
 	p := ProcessLimits{MemorySoft: 300, MemoryHardFraction: 0.5, CPUSoftFraction: 0.25, CPUHard: 3}
-	memory, cpu := p.resolve(1000, 4)
+	memory, cpu := p.resolve(1000, 4, 100*time.Millisecond)
 	if memory.soft != 300 || memory.hard != 500 {
 		t.Errorf("memory thresholds = %v, %v; want 300, 500", memory.soft, memory.hard)
 	}
 	if cpu.soft != 1 || cpu.hard != 3 {
 		t.Errorf("cpu thresholds = %v, %v; want 1, 3", cpu.soft, cpu.hard)
 	}
-	if memory.hysteresis != DefaultHysteresis || memory.grace != DefaultPressureGrace {
-		t.Errorf("defaults = %v, %s; want %v, %s", memory.hysteresis, memory.grace, DefaultHysteresis, DefaultPressureGrace)
+	if memory.hysteresis != DefaultHysteresis || memory.grace != 50*time.Millisecond {
+		// one 100ms interval, less half an interval of slack
+		t.Errorf("defaults = %v, %s; want %v, 50ms",
+			memory.hysteresis, memory.grace, DefaultHysteresis)
 	}
 	if (ProcessLimits{}).enabled() {
 		t.Errorf("zero ProcessLimits is enabled, want off")

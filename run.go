@@ -85,7 +85,9 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 	q.metrics.inFlight.Inc()
 	if q.tracked {
 		r.preemptible = l.tracksRuns && !lastAttempt(ctx)
-		q.track(r)
+		if !q.cpuAccounting { // lockThread tracks the run with its thread
+			q.track(r)
+		}
 	}
 	go r.execute()
 
@@ -185,11 +187,11 @@ func (r *taskRun) execute() {
 	// A handler that calls runtime.Goexit never returns, but deferred calls
 	// still run, so the budget is released and the task fails with errGoexit.
 	res := runResult{err: errGoexit}
-	unlockThread := r.lockThread()
+	r.lockThread()
 	defer func() {
-		unlockThread()
+		r.unlockThread()
 		elapsed := time.Since(r.start)
-		if r.q.tracked {
+		if r.q.tracked && !r.q.cpuAccounting {
 			r.q.untrack(r)
 		}
 		r.q.finish(r.grant, elapsed)
