@@ -75,9 +75,13 @@ func TestCPUBudgetDefersHogQueue(t *testing.T) {
 	if cpu <= 0 {
 		t.Fatalf("task_cpu_seconds{hog} sum = %v, want > 0", cpu)
 	}
-	t.Logf("hog queue: %.2fs of CPU in %s", cpu, elapsed)
-	if cores := cpu / elapsed.Seconds(); cores > 0.9 {
+	cores := cpu / elapsed.Seconds()
+	if cores > 0.9 {
 		t.Errorf("hog queue used %.2f cores on average (%.2fs of CPU in %s), want <= 0.9 under a 0.5-core budget",
+			cores, cpu, elapsed)
+	}
+	if cores < 0.2 {
+		t.Errorf("hog queue used %.2f cores on average (%.2fs of CPU in %s), want >= 0.2: the budget is 0.5",
 			cores, cpu, elapsed)
 	}
 }
