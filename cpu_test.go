@@ -39,11 +39,11 @@ func skipWithoutThreadCPU(t *testing.T) {
 func TestCPUBudgetDefersHogQueue(t *testing.T) {
 	skipWithoutThreadCPU(t)
 	h := newHarness(t, Limits{Queues: map[string]Budget{
-		"hog":   fastDefer(Budget{CPU: 0.5}),
+		"hog":   fastDefer(Budget{CPU: 0.3}),
 		"quick": {},
 	}}, asynq.Config{Concurrency: 4, Queues: map[string]int{"hog": 1, "quick": 1}},
 		WithSampleInterval(50*time.Millisecond), WithCPUWindow(time.Second))
-	const hogs, quicks = 20, 20
+	const hogs, quicks = 15, 20
 	for range hogs {
 		h.enqueue("hog", "spin", nil, asynq.MaxRetry(3))
 	}
@@ -70,18 +70,20 @@ func TestCPUBudgetDefersHogQueue(t *testing.T) {
 	}
 	// Without the budget, 4 workers would use both cores of a 2-core
 	// machine. With it, admission lags the window by up to a sample, so
-	// the average may overshoot 0.5 cores, but not by this much.
+	// this short run overshoots 0.3 cores while the first tasks start
+	// together, but not by this much. The budget is low so that the queue
+	// fills it even on a busy machine.
 	cpu := histogramSum(t, h.reg, "asynqlimit_task_cpu_seconds", "hog")
 	if cpu <= 0 {
 		t.Fatalf("task_cpu_seconds{hog} sum = %v, want > 0", cpu)
 	}
 	cores := cpu / elapsed.Seconds()
-	if cores > 0.9 {
-		t.Errorf("hog queue used %.2f cores on average (%.2fs of CPU in %s), want <= 0.9 under a 0.5-core budget",
+	if cores > 0.75 {
+		t.Errorf("hog queue used %.2f cores on average (%.2fs of CPU in %s), want <= 0.75 under a 0.3-core budget",
 			cores, cpu, elapsed)
 	}
-	if cores < 0.2 {
-		t.Errorf("hog queue used %.2f cores on average (%.2fs of CPU in %s), want >= 0.2: the budget is 0.5",
+	if cores < 0.1 {
+		t.Errorf("hog queue used %.2f cores on average (%.2fs of CPU in %s), want >= 0.1: the budget is 0.3",
 			cores, cpu, elapsed)
 	}
 }

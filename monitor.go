@@ -168,7 +168,10 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	m.pending.Store(0)
 
 	m.updateShedding(max(memoryLevel, cpuLevel) >= PressureSoft)
-	if memoryLevel == PressureHard && m.preempt != nil {
+	// The level stays hard through the grace period after memory falls
+	// back, so preemption also needs this sample to be over the threshold:
+	// otherwise it would go on stopping tasks that no longer need stopping.
+	if memoryLevel == PressureHard && m.memory.rawLevel(float64(s.RSS), 0) == PressureHard && m.preempt != nil {
 		m.preempt()
 	}
 }

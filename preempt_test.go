@@ -117,3 +117,27 @@ func TestHardPressurePreemptsAndRetries(t *testing.T) {
 		t.Errorf("low handler ran %d times, want 2 (preempted, then completed)", got)
 	}
 }
+
+func TestPreemptStopsWhenMemoryFalls(t *testing.T) {
+	l, _, _ := newMonitoredLimiter(t, threeQueues(ProcessLimits{MemoryHard: 100, Grace: time.Second}))
+	runs := make([]*taskRun, 3)
+	for i := range runs {
+		runs[i] = trackedRun(l, "low", 10, true, time.Unix(1000, int64(i)))
+	}
+	now := time.Unix(2000, 0)
+	l.monitor.step(ResourceSample{RSS: 150}, nil, now) // over hard: one preemption
+	for range 3 {
+		now = now.Add(100 * time.Millisecond)
+		l.monitor.step(ResourceSample{RSS: 50}, nil, now) // still hard within the grace, but below the threshold
+	}
+
+	preempted := 0
+	for _, r := range runs {
+		if r.preempted.Load() {
+			preempted++
+		}
+	}
+	if preempted != 1 {
+		t.Errorf("preempted %d runs, want 1: samples below the hard threshold must not preempt", preempted)
+	}
+}
