@@ -130,8 +130,13 @@ type queueState struct {
 	// concurrency cap. Its waiters are served in order, so a last-attempt
 	// task that waits is not overtaken by tasks that arrive later.
 	slots *semaphore.Weighted
+	// slotsHeld counts the slots taken from slots, and reserved the bytes
+	// taken from memory. Each moves in step with its semaphore, so that the
+	// dequeue gate can read them without a lock.
+	slotsHeld atomic.Int64
 	// memory holds the queue's memory budget in bytes; nil without one.
-	memory *semaphore.Weighted
+	memory   *semaphore.Weighted
+	reserved atomic.Int64
 	// runs holds the running tasks, for preemption and CPU accounting, when
 	// tracked is true.
 	tracked bool
@@ -147,6 +152,8 @@ type queueState struct {
 	// fullSince is the Unix time in nanoseconds of the first deferral since
 	// the queue last had room, or 0 while it has room.
 	fullSince atomic.Int64
+	// gate is the state of the queue's dequeue gate.
+	gate queueGate
 
 	metrics queueMetrics
 	// logs limits the log lines of the queue: index 0 for info and debug
@@ -169,6 +176,7 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 			rate.NewLimiter(rate.Every(l.logEvery), l.logBurst),
 		},
 	}
+	q.gate.logs = newGateLogLimiter()
 	if b.Concurrency > 0 {
 		q.slots = semaphore.NewWeighted(int64(b.Concurrency))
 	}
@@ -185,7 +193,12 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 
 // tryAcquire takes a slot if the queue has room now.
 func (q *queueState) tryAcquire() bool {
-	if q.slots == nil || q.slots.TryAcquire(1) {
+	if q.slots == nil {
+		q.fullSince.Store(0)
+		return true
+	}
+	if q.slots.TryAcquire(1) {
+		q.slotsHeld.Add(1)
 		q.fullSince.Store(0)
 		return true
 	}
@@ -207,9 +220,11 @@ type grant struct {
 func (q *queueState) release(g grant) {
 	if g.slot {
 		q.slots.Release(1)
+		q.slotsHeld.Add(-1)
 	}
 	if g.memory > 0 {
 		q.memory.Release(g.memory)
+		q.reserved.Add(-g.memory)
 		q.metrics.memoryReserved.Sub(float64(g.memory))
 	}
 }

@@ -35,7 +35,11 @@
 //
 //	l, err := asynqlimit.New(limits, asynqlimit.WithRegisterer(reg))
 //	...
-//	srv := asynq.NewServer(redis, l.ServerConfig(cfg))
+//	// goredis is github.com/redis/go-redis/v9. asynq does not close a
+//	// client it was given, so close it after Shutdown.
+//	client := redis.MakeRedisClient().(goredis.UniversalClient)
+//	l.InstrumentRedis(client) // the dequeue gate; optional
+//	srv := asynq.NewServerFromRedisClient(client, l.ServerConfig(cfg))
 //	mux.Use(l.Middleware()) // first, so it runs outermost
 //
 // # Budgets
@@ -57,6 +61,24 @@
 // ErrorHandler. asynq archives a task on its last attempt on any error, so
 // such a task is never deferred: it waits for room instead, until its context
 // ends.
+//
+// # Dequeue gate
+//
+// A deferral costs several Redis scripts and moves the task behind newer
+// ones, and a full queue keeps being dequeued. So NewServer builds asynq's
+// Redis client itself and adds a go-redis hook to it (InstrumentRedis does
+// the same for a client of your own). The hook recognises asynq's dequeue
+// script call for a queue, and while admission would defer the queue's next
+// task it returns redis.Nil without sending the call. asynq takes that for an
+// empty queue and polls the next one, so the task stays pending, in order.
+// The gate reads the state that admission reads, without locks: concurrency
+// slots, pressure shedding, the CPU and memory budgets, and the tasks that it
+// let asynq dequeue that have not reached admission yet. The middleware stays
+// the final check. In observe mode the gate counts the dequeues it would skip
+// and skips none. If the middleware handles 20 tasks and the hook has not
+// recognised a dequeue call, because the client is not the server's or asynq
+// (v0.26.0 here) changed its script, the gate switches itself off with a
+// warning. WithoutGate turns it off.
 //
 // # Pressure
 //
@@ -88,8 +110,9 @@
 // With WithRegisterer the Limiter registers (namespace asynqlimit):
 // tasks_in_flight, tasks_total{outcome}, deferrals_total{reason},
 // rejections_total{reason}, waits_total, timeouts_total, task_duration_seconds,
-// abandoned_tasks and queue_concurrency_limit, each with a queue label that
-// is a configured queue name or "other". With an asynq.Inspector
+// abandoned_tasks, queue_concurrency_limit, gate_closed and
+// gate_skips_total, each with a queue label that is a configured queue name
+// or "other", and gate_disabled. With an asynq.Inspector
 // (WithInspector, or NewServer with a registerer) it also reports asynq's own
 // queue sizes and latency, read at most once per WithInspectInterval.
 // Nothing is registered without a registerer, and never on the global
@@ -100,5 +123,6 @@
 // Every deferral, rejection, timeout and abandoned handler is logged through
 // the *slog.Logger given with WithLogger, with the queue, task id, task type,
 // reason and the numbers compared, at most WithLogRate lines per queue.
-// Payloads are never logged.
+// Payloads are never logged. The dequeue gate logs when it closes or opens
+// a queue, at most twice per queue every 10 seconds.
 package asynqlimit

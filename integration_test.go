@@ -33,7 +33,7 @@ func TestConcurrencyCapUnderLoad(t *testing.T) {
 		ErrorHandler: asynq.ErrorHandlerFunc(func(context.Context, *asynq.Task, error) {
 			userErrors.Add(1)
 		}),
-	})
+	}, WithoutGate()) // the test needs deferrals, which the gate avoids
 	const total = 200
 	for i := range total {
 		q := []string{"a", "b", "c"}[i%3]
@@ -77,7 +77,7 @@ func TestDeferralKeepsRetryCount(t *testing.T) {
 			isFailureCalls.Add(1)
 			return true
 		},
-	})
+	}, WithoutGate()) // the test needs deferrals, which the gate avoids
 	slow := h.enqueue("q", "slow", nil, asynq.MaxRetry(0))
 	deferred := make([]*asynq.TaskInfo, 3)
 	for i := range deferred {
@@ -121,7 +121,7 @@ func TestLastAttemptWaitsInsteadOfDeferring(t *testing.T) {
 	h := newHarness(t, Limits{Queues: map[string]Budget{"q": fastDefer(Budget{Concurrency: 1})}}, asynq.Config{
 		Concurrency: 6,
 		Queues:      map[string]int{"q": 1},
-	})
+	}, WithoutGate()) // with the gate, the tasks would wait in Redis instead
 	const total = 12
 	for range total {
 		h.enqueue("q", "work", nil, asynq.MaxRetry(0))

@@ -126,6 +126,8 @@ type Limiter struct {
 	// measured; CPU budgets then do nothing.
 	cpuAccounting bool
 	cpuWindow     time.Duration
+	// gate keeps asynq from dequeuing tasks of queues without room.
+	gate *gate
 
 	inspector      *asynq.Inspector
 	ownsInspector  bool
@@ -170,6 +172,7 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 		return nil, err
 	}
 	l.metrics = m
+	l.gate = newGate(l, o.noGate)
 	l.highestPriority = limits.Default.Priority
 	for _, b := range limits.Queues {
 		l.highestPriority = max(l.highestPriority, b.Priority)

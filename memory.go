@@ -37,6 +37,7 @@ func (l *Limiter) admitMemory(ctx context.Context, q *queueState, t *asynq.Task,
 		return 0, nil
 	}
 	if q.memory.TryAcquire(n) {
+		q.reserved.Add(n)
 		q.metrics.memoryReserved.Add(float64(n))
 		return n, nil
 	}
@@ -56,6 +57,7 @@ func (l *Limiter) admitMemory(ctx context.Context, q *queueState, t *asynq.Task,
 		return 0, fmt.Errorf("asynqlimit: task waited for %d bytes of the memory budget of queue %q (%d bytes) until its context ended; "+
 			"give the task more retries or a longer timeout, or raise the queue's Memory: %w", n, q.name, q.budget.Memory, err)
 	}
+	q.reserved.Add(n)
 	q.metrics.memoryReserved.Add(float64(n))
 	return n, nil
 }

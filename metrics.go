@@ -67,6 +67,10 @@ type metrics struct {
 	cpuBudget   *prometheus.GaugeVec
 	memReserved *prometheus.GaugeVec
 	memBudget   *prometheus.GaugeVec
+	gateClosed  *prometheus.GaugeVec
+	gateSkips   *prometheus.CounterVec
+	// gateDisabled is 1 once the dequeue gate has switched itself off.
+	gateDisabled prometheus.Gauge
 	// queues reports asynq's queue sizes; nil without an inspector or a
 	// registerer.
 	queues  *queueCollector
@@ -89,6 +93,8 @@ type queueMetrics struct {
 	cpuCores    prometheus.Gauge
 
 	memoryReserved prometheus.Gauge
+	gateClosed     prometheus.Gauge
+	gateSkips      prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector, inspectTTL time.Duration, logger *slog.Logger) (*metrics, error) {
@@ -156,6 +162,18 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 			Namespace: namespace, Name: "timeouts_total",
 			Help: "Tasks that reached their queue's Timeout; in observe mode their context was left alone.",
 		}, queue),
+		gateClosed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "gate_closed",
+			Help: "1 while the dequeue gate keeps asynq from dequeuing the queue's tasks; for other, the number of such unnamed queues.",
+		}, queue),
+		gateSkips: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "gate_skips_total",
+			Help: "Dequeue calls that the gate skipped, returning an empty queue to asynq; in observe mode, the calls it would have skipped.",
+		}, queue),
+		gateDisabled: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "gate_disabled",
+			Help: "1 when the dequeue gate switched itself off because it recognised no asynq dequeue call while tasks ran.",
+		}),
 	}
 
 	m.process = newProcessMetrics()
@@ -175,6 +193,7 @@ func newMetrics(reg prometheus.Registerer, limits Limits, insp *asynq.Inspector,
 	}
 	collectors := []prometheus.Collector{
 		m.inFlight, m.tasks, m.deferrals, m.rejections, m.duration, m.abandoned, m.concurrency, m.waits, m.timeouts, m.preemptions, m.taskCPU, m.cpuCores, m.cpuBudget, m.memReserved, m.memBudget,
+		m.gateClosed, m.gateSkips, m.gateDisabled,
 	}
 	collectors = append(collectors, m.process.collectors()...)
 	if insp != nil {
@@ -204,6 +223,8 @@ func (m *metrics) forQueue(label string) queueMetrics {
 		cpuCores:    m.cpuCores.WithLabelValues(label),
 
 		memoryReserved: m.memReserved.WithLabelValues(label),
+		gateClosed:     m.gateClosed.WithLabelValues(label),
+		gateSkips:      m.gateSkips.WithLabelValues(label),
 	}
 	for o := range numOutcomes {
 		qm.outcomes[o] = m.tasks.WithLabelValues(label, outcomeLabels[o])

@@ -41,10 +41,15 @@ func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler)
 	}
 	name, _ := asynq.GetQueueName(ctx)
 	q := l.queue(name)
+	l.gate.countTask()
 	if err := l.checkPayload(ctx, q, t); err != nil {
+		q.gate.endTransit()
 		return err
 	}
 	g, err := l.admit(ctx, q, t)
+	// The gate counts the task in transit until admission has decided on
+	// it, so that the task is counted there or in the slots held throughout.
+	q.gate.endTransit()
 	if err != nil {
 		return err
 	}
@@ -172,6 +177,7 @@ func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool,
 			"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
 			waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
 	}
+	q.slotsHeld.Add(1)
 	q.fullSince.Store(0)
 	return true, nil
 }

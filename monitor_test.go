@@ -170,7 +170,8 @@ func TestPressureShedsLowQueue(t *testing.T) {
 	h := newHarness(t, threeQueues(ProcessLimits{MemorySoft: 100, Grace: time.Nanosecond}), asynq.Config{
 		Concurrency: 4,
 		Queues:      map[string]int{"low": 1, "mid": 1, "high": 1},
-	}, WithSampler(sampler), WithSampleInterval(20*time.Millisecond), withDetectedLimits(testDetected))
+	}, WithSampler(sampler), WithSampleInterval(20*time.Millisecond), withDetectedLimits(testDetected),
+		WithoutGate()) // the test needs deferrals, which the gate avoids
 	m := h.srv.limiter.monitor
 	sampler.set(200, nil)
 	waitFor(t, 5*time.Second, func() bool { return m.sheds(0, 0) },

@@ -38,6 +38,7 @@ type options struct {
 
 	noCPUAccounting bool
 	cpuWindow       time.Duration
+	noGate          bool
 }
 
 // Defaults of the options.
@@ -165,4 +166,11 @@ func WithCPUWindow(d time.Duration) Option {
 			o.cpuWindow = d
 		}
 	})
+}
+
+// WithoutGate turns the dequeue gate off: NewServer adds no hook to its
+// Redis client and InstrumentRedis does nothing. asynq then dequeues the
+// tasks of a queue without room, and the middleware defers them.
+func WithoutGate() Option {
+	return optionFunc(func(o *options) { o.noGate = true })
 }
