@@ -2,12 +2,15 @@
 // mixed workload and prints what the limiter did with it.
 //
 // It shows four things. Slow tasks on "default" and "low" fill those queues'
-// concurrency caps, so later tasks are deferred without spending a retry. One
-// task on "default" has a payload over the queue's MaxPayload and is archived
-// without running. One task on "low" ignores its context, runs past the
-// queue's 300ms timeout and is abandoned, then succeeds on its retry. Tasks
-// enqueued with asynq.MaxRetry(0) are on their last attempt, so they wait for
-// room instead of being deferred.
+// concurrency caps, so the dequeue gate keeps the queues' other tasks pending
+// in Redis until there is room (the "skipped" count); without the gate they
+// would be deferred without spending a retry. One task on "default" has a
+// payload over the queue's MaxPayload and is archived without running. One
+// task on "low" ignores its context, runs past the queue's 300ms timeout and
+// is abandoned, then succeeds on its retry; it holds the queue's only slot
+// until it really returns. Tasks enqueued with asynq.MaxRetry(0) are on
+// their last attempt, so the middleware would let them wait for room rather
+// than defer them.
 //
 // Run it from the repository root:
 //
@@ -21,8 +24,9 @@
 // processed too and show up in the per-second counts.
 //
 // It runs for 10s (set -duration) or until Ctrl-C. Every second it prints one
-// line per queue to stdout, with numbers read from the Prometheus registry. At the end it prints a summary that adds asynq's
-// own view of each task this run enqueued, read through an asynq.Inspector.
+// line per queue to stdout, with numbers read from the Prometheus registry.
+// At the end it prints a summary that adds asynq's own view of each task
+// this run enqueued, read through an asynq.Inspector.
 // While it runs, the registry is served at http://127.0.0.1:2112/metrics.
 package main
 
@@ -227,6 +231,11 @@ func serverConfig(logger *slog.Logger, level slog.Level) asynq.Config {
 		// second of the end of its deferral delay (DefaultDeferDelay is 1s),
 		// so the demo finishes in seconds.
 		DelayedTaskCheckInterval: time.Second,
+		// The dequeue gate makes a full queue look empty to asynq, and when
+		// every queue looks empty asynq sleeps about TaskCheckInterval (1s by
+		// default) before it polls again. At 100ms a queue that has room again
+		// is served within about 100ms.
+		TaskCheckInterval: 100 * time.Millisecond,
 		// asynq.DefaultRetryDelayFunc waits at least 15s before a retry,
 		// longer than the demo runs, so the timed-out task of "low" would not
 		// come back in time. Deferrals do not use this function.

@@ -21,6 +21,7 @@ const (
 	metricTasks       = "asynqlimit_tasks_total"
 	metricAbandoned   = "asynqlimit_abandoned_tasks"
 	metricWaits       = "asynqlimit_waits_total"
+	metricGateSkips   = "asynqlimit_gate_skips_total"
 	labelQueue        = "queue"
 	labelOutcome      = "outcome"
 	statusInterval    = time.Second
@@ -33,6 +34,9 @@ type limiterCounts struct {
 	limit     int
 	abandoned int
 	waited    int
+	// skipped counts the dequeues that the gate skipped because the queue
+	// was full.
+	skipped int
 	// outcomes maps the outcome label of asynqlimit_tasks_total, such as
 	// "succeeded" or "deferred", to its count.
 	outcomes map[string]int
@@ -69,6 +73,8 @@ func readLimiterCounts(g prometheus.Gatherer) (map[string]*limiterCounts, error)
 				c.abandoned = int(m.GetGauge().GetValue())
 			case metricWaits:
 				c.waited = int(m.GetCounter().GetValue())
+			case metricGateSkips:
+				c.skipped = int(m.GetCounter().GetValue())
 			case metricTasks:
 				c.outcomes[outcome] = int(m.GetCounter().GetValue())
 			default:
@@ -97,7 +103,7 @@ func printStatusUntilDone(ctx context.Context, w io.Writer, g prometheus.Gathere
 
 // printStatus prints one line per queue, such as
 //
-//	t=3s    queue=low      in_flight=0/1  succeeded=3   deferred=9   rejected=0  timed_out=1  abandoned=0  waited=3
+//	t=3s    queue=low      in_flight=0/1  succeeded=3   skipped=40   deferred=0   rejected=0  timed_out=1  abandoned=0  waited=0
 func printStatus(w io.Writer, g prometheus.Gatherer, elapsed time.Duration, logger *slog.Logger) {
 	counts, err := readLimiterCounts(g)
 	if err != nil {
@@ -111,8 +117,8 @@ func printStatus(w io.Writer, g prometheus.Gatherer, elapsed time.Duration, logg
 			fmt.Fprintf(w, "%-7s queue=%-8s no limiter metrics\n", elapsedLabel, queue)
 			continue
 		}
-		fmt.Fprintf(w, "%-7s queue=%-8s in_flight=%d/%d  succeeded=%-3d deferred=%-3d rejected=%-2d timed_out=%-2d abandoned=%-2d waited=%d\n",
-			elapsedLabel, queue, c.inFlight, c.limit, c.outcomes["succeeded"], c.outcomes["deferred"],
+		fmt.Fprintf(w, "%-7s queue=%-8s in_flight=%d/%d  succeeded=%-3d skipped=%-4d deferred=%-3d rejected=%-2d timed_out=%-2d abandoned=%-2d waited=%d\n",
+			elapsedLabel, queue, c.inFlight, c.limit, c.outcomes["succeeded"], c.skipped, c.outcomes["deferred"],
 			c.outcomes["rejected"], c.outcomes["timed_out"], c.abandoned, c.waited)
 	}
 }
