@@ -2,6 +2,7 @@ package asynqlimit
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -184,6 +185,7 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 		q.memory = semaphore.NewWeighted(b.Memory)
 	}
 	q.cpuAccounting = l.cpuAccounting && (b.CPU > 0 || b.TaskCPU > 0)
+	q.cpu.perTask.Store(math.Float64bits(1))
 	q.tracked = l.tracksRuns || q.cpuAccounting
 	if q.tracked {
 		q.runs = make(map[*taskRun]struct{})

@@ -35,11 +35,29 @@ type queueCPU struct {
 	// cores is the float64 bits of the average use over the window, read by
 	// admission without a lock.
 	cores atomic.Uint64
+	// recent is the float64 bits of the use over the last sample interval,
+	// perTask the float64 bits of that use per running task (1 core until a
+	// sample has measured running tasks), and pending the tasks admitted since
+	// the last sample. Admission adds them up so that the tasks admitted
+	// between two samples cannot take the queue far over its budget before
+	// the next sample sees them.
+	recent  atomic.Uint64
+	perTask atomic.Uint64
+	pending atomic.Int64
 }
 
 // usedCores returns the queue's average CPU use over the window, in cores.
 func (q *queueState) usedCores() float64 {
 	return math.Float64frombits(q.cpu.cores.Load())
+}
+
+// projectedCores returns the CPU use that admission compares with the
+// budget: the larger of the window's average and the last interval's use,
+// plus the expected use of the tasks admitted since the last sample.
+func (q *queueState) projectedCores() float64 {
+	recent := math.Float64frombits(q.cpu.recent.Load())
+	perTask := math.Float64frombits(q.cpu.perTask.Load())
+	return max(q.usedCores(), recent) + float64(q.cpu.pending.Load())*perTask
 }
 
 // lockThread locks the run's goroutine to its thread and tracks the run,
@@ -102,10 +120,12 @@ func (l *Limiter) sampleCPU(now time.Time) {
 func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
 	q.runsMu.Lock()
 	total := q.cpu.finished
+	running := 0
 	for r := range q.runs {
 		if !r.hasThread {
 			continue
 		}
+		running++
 		used, err := r.thread.Used()
 		if err != nil {
 			continue // the task is finishing; its time arrives in finished
@@ -117,6 +137,15 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
 	}
 	q.runsMu.Unlock()
 
+	if n := len(q.cpu.readings); n > 0 && now.After(q.cpu.readings[n-1].at) {
+		last := q.cpu.readings[n-1]
+		recent := (total - last.total).Seconds() / now.Sub(last.at).Seconds()
+		q.cpu.recent.Store(math.Float64bits(recent))
+		if running > 0 {
+			q.cpu.perTask.Store(math.Float64bits(recent / float64(running)))
+		}
+	}
+	q.cpu.pending.Store(0)
 	q.cpu.readings = append(q.cpu.readings, cpuReading{at: now, total: total})
 	cutoff := now.Add(-l.cpuWindow)
 	drop := 0
@@ -157,8 +186,12 @@ func (l *Limiter) stopOverCPU(r *taskRun, used time.Duration) {
 // budget. In observe mode, and for a task on its last attempt, it only counts
 // and logs the decision.
 func (l *Limiter) admitCPU(ctx context.Context, q *queueState, t *asynq.Task) error {
-	used := q.usedCores()
-	if !q.cpuAccounting || q.budget.CPU == 0 || used < q.budget.CPU {
+	if !q.cpuAccounting || q.budget.CPU == 0 {
+		return nil
+	}
+	used := q.projectedCores()
+	if used < q.budget.CPU {
+		q.cpu.pending.Add(1)
 		return nil
 	}
 	if l.limits.Mode == Enforce && !lastAttempt(ctx) {
