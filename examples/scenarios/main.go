@@ -1,11 +1,19 @@
 // Command scenarios runs a misbehaving workload twice: against a worker with
 // asynqlimit and against a plain asynq worker, each in a fresh child process.
-// It prints what each run cost: peak resident memory, the latency of the
-// critical queue and how much low-priority work completed.
+// It prints what each run cost. The scenarios are:
+//
+//   - runaway-memory: low tasks that each hold 100 MiB beside quick critical
+//     tasks. It reports peak resident memory, the latency of the critical
+//     queue and how much low-priority work completed.
+//   - cpu-hog: CPU-bound hog tasks beside short tasks, with Budget.CPU on
+//     the hog queue. It reports the worker's CPU use, the short tasks'
+//     enqueue-to-start and enqueue-to-finish latency, and how many hog
+//     tasks completed.
 //
 // Run it from the repository root:
 //
 //	go run ./examples/scenarios -name runaway-memory
+//	go run ./examples/scenarios -name cpu-hog
 //	go run ./examples/scenarios -name runaway-memory -duration 30s
 //	REDIS_ADDR=127.0.0.1:6379 go run ./examples/scenarios -name runaway-memory
 //
@@ -54,9 +62,9 @@ type scenario struct {
 	worker func(run *workerRun) (workerServer, asynq.Handler, error)
 }
 
-// scenarios maps each -name to its scenario. A "cpu-hog" scenario (handlers
-// that burn CPU beside a latency-sensitive queue) belongs here next.
+// scenarios maps each -name to its scenario.
 var scenarios = map[string]scenario{
+	"cpu-hog":        cpuHog,
 	"runaway-memory": runawayMemory,
 }
 
