@@ -125,6 +125,12 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 // context and gives it the grace period. finished is false when the handler
 // was marked abandoned.
 func (l *Limiter) await(r *taskRun, parent context.Context, expired <-chan time.Time) (res runResult, finished bool) {
+	// A nil channel costs the select nothing, and only tracked runs can be
+	// stopped.
+	var stop chan struct{}
+	if r.q.tracked {
+		stop = r.stop
+	}
 	select {
 	case res = <-r.done:
 		return res, true
@@ -133,7 +139,7 @@ func (l *Limiter) await(r *taskRun, parent context.Context, expired <-chan time.
 		r.ctx.cancel(context.DeadlineExceeded)
 	case <-parent.Done():
 		r.ctx.cancel(parent.Err())
-	case <-r.stop:
+	case <-stop:
 		if r.overCPU.Load() {
 			r.ctx.cancel(context.DeadlineExceeded)
 		} else {
