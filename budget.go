@@ -61,7 +61,7 @@ type Budget struct {
 	// Memory is the memory, in bytes, that the running tasks of the queue
 	// may reserve together. Each task reserves TaskMemory, or what the
 	// WithMemoryEstimator function returns for it, until its handler
-	// returns; a task that does not fit is deferred with reason "memory".
+	// returns. A task that does not fit is deferred with reason "memory".
 	// Go cannot measure the memory of one goroutine, so this is a budget of
 	// estimates. If zero, the queue has no memory budget.
 	Memory int64
@@ -73,8 +73,8 @@ type Budget struct {
 	// averaged over the CPU window (WithCPUWindow). While the queue is over
 	// it, its new tasks are deferred with reason "cpu". Each task's CPU time
 	// is read from the clock of the OS thread its handler is locked to, on
-	// Linux only; CPU used by goroutines the handler starts is not seen, and
-	// a locked handler pays more for each wait (see package threadcpu). If
+	// Linux only. CPU used by goroutines the handler starts is not seen. A
+	// locked handler pays more for each wait (see package threadcpu). If
 	// zero, the queue has no CPU budget.
 	CPU float64
 	// TaskCPU is the CPU time one task may use. A task over it has its
@@ -207,7 +207,8 @@ func (q *queueState) tryAcquire() bool {
 	return false
 }
 
-// grant is what an admitted task holds until its handler returns.
+// grant is the set of budget shares that an admitted task holds until its
+// handler returns.
 type grant struct {
 	// slot is true when the task holds a concurrency slot.
 	slot bool

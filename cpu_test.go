@@ -91,24 +91,11 @@ func TestCPUBudgetDefersHogQueue(t *testing.T) {
 	}
 }
 
-// histogramSum returns the sum of the histogram name for queue.
+// histogramSum returns the sum of the histogram name for queue, or -1.
 func histogramSum(t *testing.T, g prometheus.Gatherer, name, queue string) float64 {
 	t.Helper()
-	families, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == "queue" && lp.GetValue() == queue {
-					return m.GetHistogram().GetSampleSum()
-				}
-			}
-		}
+	if m := findSeries(t, g, name, map[string]string{"queue": queue}); m != nil {
+		return m.GetHistogram().GetSampleSum()
 	}
 	return -1
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/time/rate"
 )
 
@@ -158,6 +159,15 @@ func seriesWithLabel(t *testing.T, g prometheus.Gatherer, name, value string) in
 // labels, or -1 when there is none.
 func gaugeValue(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) float64 {
 	t.Helper()
+	if m := findSeries(t, g, name, labels); m != nil {
+		return m.GetGauge().GetValue()
+	}
+	return -1
+}
+
+// findSeries returns the series of name with exactly labels, or nil.
+func findSeries(t *testing.T, g prometheus.Gatherer, name string, labels map[string]string) *dto.Metric {
+	t.Helper()
 	families, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -172,11 +182,11 @@ func gaugeValue(t *testing.T, g prometheus.Gatherer, name string, labels map[str
 				got[lp.GetName()] = lp.GetValue()
 			}
 			if maps.Equal(got, labels) {
-				return m.GetGauge().GetValue()
+				return m
 			}
 		}
 	}
-	return -1
+	return nil
 }
 
 func TestLogRateLimit(t *testing.T) {

@@ -140,12 +140,12 @@ func (l *Limiter) shed(ctx context.Context, q *queueState, t *asynq.Task) error 
 	if l.limits.Mode == Enforce && !lastAttempt(ctx) {
 		return l.deferTask(ctx, q, t, ReasonPressure)
 	}
-	why := "it is on its last attempt"
+	cause := "it is on its last attempt"
 	if l.limits.Mode == Observe {
-		why = "observe mode is on"
+		cause = "observe mode is on"
 	}
 	q.metrics.deferrals[ReasonPressure].Inc()
-	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would be shed by process pressure; it runs because "+why,
+	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task would be shed by process pressure; it runs because "+cause,
 		"reason", ReasonPressure, "priority", q.budget.Priority)
 	return nil
 }
