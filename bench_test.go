@@ -10,20 +10,25 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// benchLimiter has every budget of this version on, with limits that a
-// no-op task never reaches, and metrics registered.
-func benchLimiter(b *testing.B) *Limiter {
+// benchBudget has the budgets of the core middleware on, with limits that a
+// no-op task never reaches.
+var benchBudget = Budget{Concurrency: 1 << 20, Timeout: time.Minute, MaxPayload: 1024}
+
+// benchLimiter returns a Limiter with budget as its default and metrics
+// registered. It is closed when the benchmark ends.
+func benchLimiter(b *testing.B, budget Budget) *Limiter {
 	b.Helper()
-	l, err := New(Limits{Default: Budget{Concurrency: 1 << 20, Timeout: time.Minute, MaxPayload: 1024}},
-		WithRegisterer(prometheus.NewRegistry()))
+	l, err := New(Limits{Default: budget}, WithRegisterer(prometheus.NewRegistry()))
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(func() { l.Close() })
 	return l
 }
 
-func BenchmarkMiddleware(b *testing.B) {
-	l := benchLimiter(b)
+// benchNoopTasks runs no-op tasks through the middleware of l, one at a
+// time.
+func benchNoopTasks(b *testing.B, l *Limiter) {
 	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
 	task := asynq.NewTask("noop", []byte("payload"))
 	ctx := context.Background()
@@ -35,8 +40,12 @@ func BenchmarkMiddleware(b *testing.B) {
 	}
 }
 
+func BenchmarkMiddleware(b *testing.B) {
+	benchNoopTasks(b, benchLimiter(b, benchBudget))
+}
+
 func BenchmarkMiddlewareParallel(b *testing.B) {
-	l := benchLimiter(b)
+	l := benchLimiter(b, benchBudget)
 	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
 	task := asynq.NewTask("noop", []byte("payload"))
 	b.ReportAllocs()
@@ -122,22 +131,9 @@ func BenchmarkGoroutineHandoff(b *testing.B) {
 // and a TaskCPU limit, so each task locks its handler's goroutine to a
 // thread and reads the thread's CPU clock at start and end.
 func BenchmarkMiddlewareCPUAccounting(b *testing.B) {
-	l, err := New(Limits{Default: Budget{
-		Concurrency: 1 << 20, Timeout: time.Minute, MaxPayload: 1024, CPU: 64, TaskCPU: time.Hour,
-	}}, WithRegisterer(prometheus.NewRegistry()))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
-	task := asynq.NewTask("noop", []byte("payload"))
-	ctx := context.Background()
-	b.ReportAllocs()
-	for b.Loop() {
-		if err := h.ProcessTask(ctx, task); err != nil {
-			b.Fatal(err)
-		}
-	}
+	budget := benchBudget
+	budget.CPU, budget.TaskCPU = 64, time.Hour
+	benchNoopTasks(b, benchLimiter(b, budget))
 }
 
 // BenchmarkShedReaction measures the time from the memory reading crossing

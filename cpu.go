@@ -35,12 +35,12 @@ type queueCPU struct {
 	// cores is the float64 bits of the average use over the window, read by
 	// admission without a lock.
 	cores atomic.Uint64
-	// recent is the float64 bits of the use over the last sample interval,
-	// perTask the float64 bits of that use per running task (1 core until a
-	// sample has measured running tasks), and pending the tasks admitted since
-	// the last sample. Admission adds them up so that the tasks admitted
+	// recent is the float64 bits of the use over the last sample interval.
+	// perTask is the float64 bits of that use per running task, 1 core until
+	// a sample has measured running tasks. pending counts the tasks admitted
+	// since the last sample. Admission adds them up, so the tasks admitted
 	// between two samples cannot take the queue far over its budget before
-	// the next sample sees them.
+	// the next sample measures them.
 	recent  atomic.Uint64
 	perTask atomic.Uint64
 	pending atomic.Int64

@@ -81,7 +81,7 @@ func (e *DeferError) Unwrap() error { return ErrOverBudget }
 type FieldError struct {
 	// Path locates the field, as in Queues["low"].Concurrency.
 	Path string
-	// Message says what is wrong and what a valid value is.
+	// Message is the description of the problem and of a valid value.
 	Message string
 }
 

@@ -22,7 +22,7 @@ import (
 type Mode int
 
 const (
-	// Enforce defers, rejects and times out tasks as the budgets say. It is
+	// Enforce defers, rejects and times out tasks as the budgets require. It is
 	// the zero value.
 	Enforce Mode = iota
 	// Observe makes, counts and logs every decision but runs every task, so

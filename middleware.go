@@ -29,10 +29,10 @@ func (l *Limiter) Middleware() asynq.MiddlewareFunc {
 
 func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
 	if active, _ := ctx.Value(activeLimiterKey{}).(*Limiter); active == l {
-		// The same Limiter applied twice (NewServer and mux.Use, say), or a
-		// handler that calls the mux with its own context, would take two
-		// slots per task and could defer every task of a queue with
-		// a cap of 1, so the inner application lets the task through.
+		// The same Limiter may run twice for one task: applied by NewServer
+		// and by mux.Use, or through a handler that calls the mux with its
+		// own context. Two slots per task could defer every task of a queue
+		// with a cap of 1, so the inner application lets the task through.
 		l.warnNested.Do(func() {
 			l.logger.Warn("asynqlimit: middleware ran inside a task it already admitted, so the inner task is not budgeted; " +
 				"remove mux.Use(Middleware()) when you use NewServer, or do not call the mux from a handler")

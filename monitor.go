@@ -41,10 +41,10 @@ type monitor struct {
 	shedMax atomic.Int64
 	// memoryLevel is the memory Pressure at the last sample.
 	memoryLevel atomic.Int32
-	// lastRSS is the resident memory at the last sample, and pending the
-	// memory reserved by the tasks admitted since: admission adds them up so
-	// that a burst of admissions cannot overshoot a threshold before the next
-	// sample sees it.
+	// lastRSS is the resident memory at the last sample, and pending is the
+	// memory reserved by the tasks admitted since. Admission adds them up, so
+	// a burst of admissions cannot overshoot a threshold before the next
+	// sample measures it.
 	lastRSS atomic.Int64
 	pending atomic.Int64
 	// lowest is the lowest priority below the highest, shed first when the
@@ -205,11 +205,12 @@ func (m *monitor) updateShedding(pressure bool) {
 }
 
 // sheds reports whether pressure sheds a new task of priority that would
-// reserve reservation bytes: because the ladder sheds its priority, or
-// because the reservations admitted since the last sample and its own would
-// take that sample's memory over a threshold it was below. Crossing soft
-// sheds the lowest priority; crossing hard sheds every priority but the
-// highest. A sample already over a threshold is left to the grace period.
+// reserve reservation bytes. It does when the ladder sheds the priority. It
+// also does when the reservations admitted since the last sample, plus this
+// one, would take that sample's memory over a threshold it was below.
+// Crossing soft sheds the lowest priority, and crossing hard sheds every
+// priority but the highest. A sample already over a threshold is left to
+// the grace period.
 func (m *monitor) sheds(priority int, reservation int64) bool {
 	if int64(priority) <= m.shedMax.Load() {
 		return true

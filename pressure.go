@@ -35,10 +35,10 @@ func (p Pressure) String() string {
 
 // threshold turns readings of one resource into a pressure level. Rising to
 // soft needs the reading at or above the soft threshold for the whole grace
-// period; rising to hard is immediate, as kubelet treats its hard eviction
+// period. Rising to hard is immediate, as kubelet treats its hard eviction
 // thresholds. Falling a level needs the reading below that level's threshold
-// minus the hysteresis, for the whole grace period, so that a reading that
-// hovers at a threshold does not make the level flap.
+// minus the hysteresis for the whole grace period, so a reading that hovers
+// at a threshold does not make the level flap.
 type threshold struct {
 	soft, hard float64 // 0 disables the level
 	hysteresis float64 // fraction of the threshold
@@ -46,8 +46,8 @@ type threshold struct {
 
 	level Pressure
 	// riseSince and fallSince are the times of the first reading of the
-	// current run above the next level or below the recovery line; zero when
-	// no such run is going on.
+	// current run above the next level or below the recovery line. Each is
+	// zero while no such run is going on.
 	riseSince time.Time
 	fallSince time.Time
 }
@@ -106,7 +106,7 @@ func (th *threshold) rawLevel(value, margin float64) Pressure {
 }
 
 // shedLadder decides which priorities soft pressure sheds. While pressure
-// lasts it widens by one priority level per step, from the lowest; when
+// lasts it widens by one priority level per step, from the lowest. When
 // pressure ends it narrows by one level per step, in the reverse order. The
 // highest configured priority is never shed.
 type shedLadder struct {

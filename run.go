@@ -41,9 +41,9 @@ type taskRun struct {
 	// timer fires at the budget's deadline and then after the grace period.
 	// It stays with the run when the run is recycled.
 	timer *time.Timer
-	// stop receives a signal when hard memory pressure preempts the run, or
-	// it runs over its CPU time; preempted and overCPU say which. A run on its last attempt is not
-	// preemptible, because asynq would archive it.
+	// stop receives a signal when hard memory pressure preempts the run or
+	// the run exceeds its CPU time. preempted and overCPU record which. A run
+	// on its last attempt is not preemptible, because asynq would archive it.
 	stop        chan struct{}
 	preempted   atomic.Bool
 	preemptible bool

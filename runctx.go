@@ -16,8 +16,8 @@ var closedChan = func() chan struct{} {
 
 // runCtx is the context a handler runs under: its parent with the deadline
 // of the queue's budget. context.WithDeadline would do the same with four
-// allocations and a timer per task; runCtx costs one allocation, creates its
-// channel only when the handler asks for it, and leaves the timer to the
+// allocations and a timer per task. runCtx costs one allocation, creates its
+// channel only when the handler calls Done, and leaves the timer to the
 // middleware, which ends the context with cancel.
 //
 // It implements the AfterFunc method that the context package looks for, so

@@ -3,7 +3,7 @@
 //
 // It shows four things. Slow tasks on "default" and "low" fill those queues'
 // concurrency caps, so the dequeue gate keeps the queues' other tasks pending
-// in Redis until there is room (the "skipped" count); without the gate they
+// in Redis until there is room (the "skipped" count). Without the gate they
 // would be deferred without spending a retry. One task on "default" has a
 // payload over the queue's MaxPayload and is archived without running. One
 // task on "low" ignores its context, runs past the queue's 300ms timeout and
