@@ -32,10 +32,8 @@
 // after Unlock, just as it would without this package. A handler that calls
 // runtime.UnlockOSThread more often than runtime.LockOSThread releases the
 // lock that Lock took. The goroutine may then move to another thread, and
-// other goroutines may run on the measured thread. Unlock detects the move
-// when it runs on a different thread and returns ErrThreadChanged, but it
-// cannot detect other goroutines that ran on the thread while the goroutine
-// stayed on it.
+// other goroutines may run on the measured thread. The result then counts
+// their CPU time too, and Unlock does not detect it.
 //
 // After Unlock the thread goes back to the runtime and may run other
 // goroutines, and a later Lock may return the same thread. A thread's CPU
@@ -69,9 +67,3 @@ type Thread struct {
 // locked goroutine returns without calling Unlock, except the main thread of
 // the process, which it parks forever instead.
 var ErrThreadExited = errors.New("thread not found in this process")
-
-// ErrThreadChanged is wrapped by the error that Unlock returns when it runs
-// on a thread other than the one that Lock locked. That happens when Unlock
-// is called from another goroutine, or when the handler calls
-// runtime.UnlockOSThread more often than runtime.LockOSThread.
-var ErrThreadChanged = errors.New("goroutine is not on the thread that Lock locked")

@@ -292,28 +292,6 @@ func TestConcurrentTasksMeasureOwnTime(t *testing.T) {
 	}
 }
 
-func TestUnlockOnOtherGoroutine(t *testing.T) {
-	thread, err := Lock()
-	if err != nil {
-		t.Fatalf("Lock: %v", err)
-	}
-
-	// The locked thread runs only this goroutine, so the other goroutine
-	// runs on a different thread.
-	errs := make(chan error)
-	go func() {
-		_, err := thread.Unlock()
-		errs <- err
-	}()
-	if err := <-errs; !errors.Is(err, ErrThreadChanged) {
-		t.Errorf("Unlock() on another goroutine returned error %v, want ErrThreadChanged", err)
-	}
-
-	if _, err := thread.Unlock(); err != nil {
-		t.Errorf("Unlock() on the locking goroutine after a rejected Unlock: %v", err)
-	}
-}
-
 func TestNestedLockOSThreadKeepsThread(t *testing.T) {
 	thread, err := Lock()
 	if err != nil {
