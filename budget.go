@@ -217,6 +217,11 @@ type grant struct {
 	// reservation is the task's memory estimate in bytes, held or not: the
 	// order of preemption and the pending memory of the process.
 	reservation int64
+	// memoryEpoch and cpuEpoch are the epochs in which the process's memory
+	// ramp and the queue's CPU ramp counted the task; cpuPending is true
+	// when the CPU ramp counted it.
+	memoryEpoch, cpuEpoch uint64
+	cpuPending            bool
 }
 
 // release returns what g holds.

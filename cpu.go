@@ -37,13 +37,16 @@ type queueCPU struct {
 	cores atomic.Uint64
 	// recent is the float64 bits of the use over the last sample interval.
 	// perTask is the float64 bits of that use per running task, 1 core until
-	// a sample has measured running tasks. pending counts the tasks admitted
-	// since the last sample. Admission adds them up, so the tasks admitted
-	// between two samples cannot take the queue far over its budget before
-	// the next sample measures them.
-	recent  atomic.Uint64
-	perTask atomic.Uint64
-	pending atomic.Int64
+	// a sample has measured running tasks. pending counts the running tasks
+	// admitted since the last sample, and finishedSince is the CPU time of
+	// the tasks that finished since then, in nanoseconds, written under
+	// runsMu. Admission adds them up, so the tasks admitted between two
+	// samples cannot take the queue far over its budget before the next
+	// sample measures them.
+	recent        atomic.Uint64
+	perTask       atomic.Uint64
+	pending       ramp
+	finishedSince atomic.Int64
 }
 
 // usedCores returns the queue's average CPU use over the window, in cores.
@@ -53,11 +56,14 @@ func (q *queueState) usedCores() float64 {
 
 // projectedCores returns the CPU use that admission compares with the
 // budget: the larger of the window's average and the last interval's use,
-// plus the expected use of the tasks admitted since the last sample.
-func (q *queueState) projectedCores() float64 {
+// plus what the tasks admitted since the last sample add. A finished one
+// adds its CPU time spread over the window, as the next sample will count
+// it, and a running one adds the last sample's use per running task.
+func (q *queueState) projectedCores(window time.Duration) float64 {
 	recent := math.Float64frombits(q.cpu.recent.Load())
 	perTask := math.Float64frombits(q.cpu.perTask.Load())
-	return max(q.usedCores(), recent) + float64(q.cpu.pending.Load())*perTask
+	finished := time.Duration(q.cpu.finishedSince.Load()).Seconds() / window.Seconds()
+	return max(q.usedCores(), recent) + finished + float64(q.cpu.pending.total())*perTask
 }
 
 // lockThread locks the run's goroutine to its thread and tracks the run,
@@ -97,6 +103,10 @@ func (r *taskRun) unlockThread() {
 	r.hasThread = false
 	if locked && err == nil {
 		q.cpu.finished += used
+		q.cpu.finishedSince.Add(int64(used))
+	}
+	if r.grant.cpuPending {
+		q.cpu.pending.done(r.grant.cpuEpoch, 1)
 	}
 	q.runsMu.Unlock()
 	switch {
@@ -135,6 +145,8 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
 			l.stopOverCPU(r, used)
 		}
 	}
+	q.cpu.pending.reset()
+	q.cpu.finishedSince.Store(0)
 	q.runsMu.Unlock()
 
 	if n := len(q.cpu.readings); n > 0 && now.After(q.cpu.readings[n-1].at) {
@@ -145,7 +157,6 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
 			q.cpu.perTask.Store(math.Float64bits(recent / float64(running)))
 		}
 	}
-	q.cpu.pending.Store(0)
 	q.cpu.readings = append(q.cpu.readings, cpuReading{at: now, total: total})
 	cutoff := now.Add(-l.cpuWindow)
 	drop := 0
@@ -189,9 +200,8 @@ func (l *Limiter) admitCPU(ctx context.Context, q *queueState, t *asynq.Task) er
 	if !q.cpuAccounting || q.budget.CPU == 0 {
 		return nil
 	}
-	used := q.projectedCores()
+	used := q.projectedCores(l.cpuWindow)
 	if used < q.budget.CPU {
-		q.cpu.pending.Add(1)
 		return nil
 	}
 	if l.limits.Mode == Enforce && !lastAttempt(ctx) {

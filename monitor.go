@@ -42,11 +42,11 @@ type monitor struct {
 	// memoryLevel is the memory Pressure at the last sample.
 	memoryLevel atomic.Int32
 	// lastRSS is the resident memory at the last sample, and pending is the
-	// memory reserved by the tasks admitted since. Admission adds them up, so
-	// a burst of admissions cannot overshoot a threshold before the next
-	// sample measures it.
+	// memory reserved by the running tasks admitted since. Admission adds
+	// them up, so a burst of admissions cannot overshoot a threshold before
+	// the next sample measures it.
 	lastRSS atomic.Int64
-	pending atomic.Int64
+	pending ramp
 	// lowest is the lowest priority below the highest, shed first when the
 	// projected memory reaches the soft threshold; hasLowest is false with
 	// a single priority.
@@ -165,7 +165,7 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	cpuLevel := m.transition("cpu", &m.cpu, cores, now)
 	m.memoryLevel.Store(int32(memoryLevel))
 	m.lastRSS.Store(s.RSS)
-	m.pending.Store(0)
+	m.pending.reset()
 
 	m.updateShedding(max(memoryLevel, cpuLevel) >= PressureSoft)
 	// The level stays hard through the grace period after memory falls
@@ -219,7 +219,7 @@ func (m *monitor) sheds(priority int, reservation int64) bool {
 		return false
 	}
 	sampled := m.lastRSS.Load()
-	level := m.memory.rawLevel(float64(sampled+m.pending.Load()+reservation), 0)
+	level := m.memory.rawLevel(float64(sampled+m.pending.total()+reservation), 0)
 	if level <= m.memory.rawLevel(float64(sampled), 0) {
 		return false
 	}

@@ -204,7 +204,7 @@ func TestMonitorCountsPendingReservations(t *testing.T) {
 	if m.sheds(0, 30) {
 		t.Fatalf("sheds(0, 30) at RSS 50 = true, want false: 80 is below the soft 100")
 	}
-	m.pending.Add(30) // one task admitted since the sample
+	m.pending.add(30) // one running task admitted since the sample
 	if !m.sheds(0, 30) {
 		t.Errorf("sheds(0, 30) with 30 pending = false, want true: 50+30+30 reaches the soft 100")
 	}

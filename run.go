@@ -201,6 +201,9 @@ func (r *taskRun) execute() {
 			r.q.untrack(r)
 		}
 		r.q.finish(r.grant, elapsed)
+		if m := r.l.monitor; m != nil {
+			m.pending.done(r.grant.memoryEpoch, r.grant.reservation)
+		}
 		r.l.running.Add(-1)
 		if res.err == errGoexit {
 			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler called runtime.Goexit; the task fails")
