@@ -2,7 +2,6 @@ package asynqlimit
 
 import (
 	"context"
-	"hash/fnv"
 	"math/rand/v2"
 	"sync/atomic"
 	"testing"
@@ -136,47 +135,6 @@ func BenchmarkMiddlewareCPUAccounting(b *testing.B) {
 	budget := benchBudget
 	budget.CPU, budget.TaskCPU = 64, time.Hour
 	benchNoopTasks(b, benchLimiter(b, budget))
-}
-
-// BenchmarkMiddlewareOverhead runs a handler that hashes a 2 KiB payload,
-// a few microseconds of work, called directly, through the middleware, and
-// through the middleware with CPU accounting. The overhead of the
-// middleware is the difference from "direct". A no-op handler, as in
-// BenchmarkMiddlewareCPUAccounting, adds a cost of its own on a machine with
-// idle processors: while the handler goroutine runs for the microsecond that
-// CPU accounting takes, the runtime puts the thread it woke to look for work
-// back to sleep and wakes it again when the handler finishes. A handler that
-// does any work pays that cost with or without the middleware.
-func BenchmarkMiddlewareOverhead(b *testing.B) {
-	work := asynq.HandlerFunc(func(_ context.Context, t *asynq.Task) error {
-		h := fnv.New64a()
-		h.Write(t.Payload())
-		benchSink.Store(h.Sum64())
-		return nil
-	})
-	task := asynq.NewTask("work", make([]byte, 2048))
-	budget := benchBudget
-	budget.MaxPayload = 4096
-	cpuBudget := budget
-	cpuBudget.CPU, cpuBudget.TaskCPU = 64, time.Hour
-	for _, tc := range []struct {
-		name    string
-		handler asynq.Handler
-	}{
-		{"direct", work},
-		{"middleware", benchLimiter(b, budget).Middleware()(work)},
-		{"cpu-accounting", benchLimiter(b, cpuBudget).Middleware()(work)},
-	} {
-		b.Run(tc.name, func(b *testing.B) {
-			ctx := context.Background()
-			b.ReportAllocs()
-			for b.Loop() {
-				if err := tc.handler.ProcessTask(ctx, task); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
-	}
 }
 
 // benchSink keeps the compiler from discarding the work of benchmark

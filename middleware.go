@@ -29,31 +29,56 @@ func (l *Limiter) Middleware() asynq.MiddlewareFunc {
 
 func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
 	if active, _ := ctx.Value(activeLimiterKey{}).(*Limiter); active == l {
-		// The same Limiter may run twice for one task: applied by NewServer
-		// and by mux.Use, or through a handler that calls the mux with its
-		// own context. Two slots per task could defer every task of a queue
-		// with a cap of 1, so the inner application lets the task through.
-		l.warnNested.Do(func() {
-			l.logger.Warn("asynqlimit: middleware ran inside a task it already admitted, so the inner task is not budgeted; " +
-				"remove mux.Use(Middleware()) when you use NewServer, or do not call the mux from a handler")
-		})
-		return next.ProcessTask(ctx, t)
+		return l.handleNested(ctx, t, next)
 	}
+	// asynq starts a goroutine for each task, so these frames sit on a fresh
+	// stack while the task runs. Only handle and await stay on it during the
+	// wait: enter and end have frames of their own, gone or not yet there.
+	// A deeper stack would make the runtime grow and copy the goroutine's
+	// stack for every task.
+	r, err := l.enter(ctx, t, next)
+	if err != nil {
+		return err
+	}
+	return l.end(r, l.await(r, ctx))
+}
+
+// handleNested runs a task that this Limiter admitted already. The same
+// Limiter may run twice for one task: applied by NewServer and by mux.Use,
+// or through a handler that calls the mux with its own context. Two slots
+// per task could defer every task of a queue with a cap of 1, so the inner
+// application lets the task through.
+//
+//go:noinline
+func (l *Limiter) handleNested(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
+	l.warnNested.Do(func() {
+		l.logger.Warn("asynqlimit: middleware ran inside a task it already admitted, so the inner task is not budgeted; " +
+			"remove mux.Use(Middleware()) when you use NewServer, or do not call the mux from a handler")
+	})
+	return next.ProcessTask(ctx, t)
+}
+
+// enter checks the task's payload, admits it to its queue's budget and
+// starts its handler. It returns the run, or the error that defers or
+// rejects the task.
+//
+//go:noinline
+func (l *Limiter) enter(ctx context.Context, t *asynq.Task, next asynq.Handler) (*taskRun, error) {
 	name, _ := asynq.GetQueueName(ctx)
 	q := l.queue(name)
 	l.gate.countTask()
 	if err := l.checkPayload(ctx, q, t); err != nil {
 		q.gate.endTransit()
-		return err
+		return nil, err
 	}
 	g, err := l.admit(ctx, q, t)
 	// The gate counts the task in transit until admission has decided on
 	// it, so that the task is counted there or in the slots held throughout.
 	q.gate.endTransit()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	return l.run(ctx, q, t, next, g)
+	return l.start(ctx, q, t, next, g), nil
 }
 
 // checkPayload returns an error that makes asynq archive the task when its

@@ -37,10 +37,16 @@ type taskRun struct {
 	grant grant
 	start time.Time
 	state atomic.Int32
-	done  chan runResult
+	// done receives a signal when the handler has returned and result holds
+	// what it returned. A signal of its own, rather than the result on the
+	// channel, keeps the receive small on the middleware's stack.
+	done   chan struct{}
+	result runResult
 	// timer fires at the budget's deadline and then after the grace period.
-	// It stays with the run when the run is recycled.
-	timer *time.Timer
+	// It stays with the run when the run is recycled. expired is its channel
+	// while the budget's deadline applies, nil otherwise.
+	timer   *time.Timer
+	expired <-chan time.Time
 	// stop receives a signal when hard memory pressure preempts the run or
 	// the run exceeds its CPU time. preempted and overCPU record which. A run
 	// on its last attempt is not preemptible, because asynq would archive it.
@@ -65,8 +71,8 @@ type runResult struct {
 	stack    []byte
 }
 
-// run runs next under the queue's timeout and returns what asynq should see.
-func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next asynq.Handler, g grant) error {
+// start sets up the run of a task and starts its handler.
+func (l *Limiter) start(ctx context.Context, q *queueState, t *asynq.Task, next asynq.Handler, g grant) *taskRun {
 	start := time.Now()
 	deadline, ok := budgetDeadline(ctx, start, q.budget.Timeout)
 	if l.limits.Mode == Observe {
@@ -74,10 +80,10 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 	}
 	r := l.newRun(q, t, next, g, start)
 	r.ctx = newRunCtx(ctx, l, deadline, ok)
-	var expired <-chan time.Time
+	r.expired = nil
 	if ok {
 		r.timer.Reset(deadline.Sub(start))
-		expired = r.timer.C
+		r.expired = r.timer.C
 	}
 
 	l.running.Add(1)
@@ -90,16 +96,23 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 		}
 	}
 	go r.execute()
+	return r
+}
 
-	res, finished := l.await(r, ctx, expired)
+// end reports the result of a run that await returned.
+//
+//go:noinline
+func (l *Limiter) end(r *taskRun, finished bool) error {
 	if !finished {
 		return l.abandon(r)
 	}
+	res := r.result
 	r.timer.Stop()
 	// Like the cancel function of context.WithDeadline: whatever the handler
 	// left running on its context stops when the task ends.
 	r.ctx.cancel(context.Canceled)
 
+	q := r.q
 	if res.panicked {
 		// Panicking again lets asynq's own recovery record the panic.
 		q.metrics.outcomes[OutcomeFailed].Inc()
@@ -124,30 +137,48 @@ func (l *Limiter) run(ctx context.Context, q *queueState, t *asynq.Task, next as
 // the task's context or a preemption, after which it ends the handler's
 // context and gives it the grace period. finished is false when the handler
 // was marked abandoned.
-func (l *Limiter) await(r *taskRun, parent context.Context, expired <-chan time.Time) (res runResult, finished bool) {
+func (l *Limiter) await(r *taskRun, parent context.Context) (finished bool) {
 	// A nil channel costs the select nothing, and only tracked runs can be
 	// stopped.
 	var stop chan struct{}
 	if r.q.tracked {
 		stop = r.stop
 	}
+	var cause error
 	select {
-	case res = <-r.done:
-		return res, true
-	case <-expired:
-		r.q.metrics.timeouts.Inc()
-		r.ctx.cancel(context.DeadlineExceeded)
+	case <-r.done:
+		return true
+	case <-r.expired:
+		cause = errBudgetTimeout
 	case <-parent.Done():
-		r.ctx.cancel(parent.Err())
+		cause = parent.Err()
 	case <-stop:
+		cause = context.Canceled
 		if r.overCPU.Load() {
-			r.ctx.cancel(context.DeadlineExceeded)
-		} else {
-			r.ctx.cancel(context.Canceled)
+			cause = context.DeadlineExceeded
 		}
 	}
+	return l.interrupt(r, cause)
+}
+
+// interrupt ends the handler's context with cause and gives the handler the
+// grace period. It is apart from await so that its frame is not on the stack
+// while await waits.
+//
+//go:noinline
+func (l *Limiter) interrupt(r *taskRun, cause error) (finished bool) {
+	if cause == errBudgetTimeout {
+		r.q.metrics.timeouts.Inc()
+		cause = context.DeadlineExceeded
+	}
+	r.ctx.cancel(cause)
 	return r.awaitGrace(l.abandonGrace)
 }
+
+// errBudgetTimeout is the cause that await passes to interrupt when the
+// budget's timeout ended the wait. interrupt counts the timeout and ends the
+// handler's context with context.DeadlineExceeded instead.
+var errBudgetTimeout = errors.New("asynqlimit: budget timeout")
 
 // budgetDeadline returns start + timeout, and whether it is earlier than the
 // deadline of ctx. A zero timeout sets no deadline.
@@ -165,7 +196,7 @@ func budgetDeadline(ctx context.Context, start time.Time, timeout time.Duration)
 func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g grant, start time.Time) *taskRun {
 	r, _ := l.runs.Get().(*taskRun)
 	if r == nil {
-		r = &taskRun{l: l, done: make(chan runResult, 1), timer: time.NewTimer(time.Hour), stop: make(chan struct{}, 1)}
+		r = &taskRun{l: l, done: make(chan struct{}, 1), timer: time.NewTimer(time.Hour), stop: make(chan struct{}, 1)}
 		r.timer.Stop()
 	}
 	select {
@@ -183,7 +214,7 @@ func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g gra
 // recycle returns a run whose handler returned in time to the pool. An
 // abandoned run is never recycled, because its goroutine still uses it.
 func (l *Limiter) recycle(r *taskRun) {
-	r.q, r.task, r.next, r.ctx = nil, nil, nil, nil
+	r.q, r.task, r.next, r.ctx, r.result = nil, nil, nil, nil, runResult{}
 	l.runs.Put(r)
 }
 
@@ -209,7 +240,8 @@ func (r *taskRun) execute() {
 			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler called runtime.Goexit; the task fails")
 		}
 		if r.state.CompareAndSwap(runRunning, runFinished) {
-			r.done <- res
+			r.result = res
+			r.done <- struct{}{}
 			return
 		}
 		r.l.abandonedReturned(r, res, elapsed)
@@ -268,12 +300,12 @@ func withLocation(v any, where string) error {
 
 // awaitGrace gives a handler whose context has ended a moment to return.
 // finished is false when the handler was marked abandoned.
-func (r *taskRun) awaitGrace(grace time.Duration) (res runResult, finished bool) {
+func (r *taskRun) awaitGrace(grace time.Duration) (finished bool) {
 	if grace > 0 {
 		r.timer.Reset(grace)
 		select {
-		case res = <-r.done:
-			return res, true
+		case <-r.done:
+			return true
 		case <-r.timer.C:
 		}
 	}
@@ -281,10 +313,11 @@ func (r *taskRun) awaitGrace(grace time.Duration) (res runResult, finished bool)
 	// never takes the gauge below zero.
 	r.q.metrics.abandoned.Inc()
 	if r.state.CompareAndSwap(runRunning, runAbandoned) {
-		return runResult{}, false
+		return false
 	}
 	r.q.metrics.abandoned.Dec()
-	return <-r.done, true
+	<-r.done
+	return true
 }
 
 // report counts and logs the outcome of a handler that returned in time and
