@@ -355,7 +355,7 @@ func (g *gate) update(q *queueState, reason Reason, closed bool) {
 }
 
 // gateNumbers returns the log attributes that compare the queue's use with
-// the budget that closed its gate.
+// the budget that closed its gate or deferred a task.
 func (l *Limiter) gateNumbers(q *queueState, reason Reason) []any {
 	switch reason {
 	case ReasonConcurrency:
@@ -363,11 +363,26 @@ func (l *Limiter) gateNumbers(q *queueState, reason Reason) []any {
 	case ReasonCPU:
 		return []any{"cpu_cores", q.projectedCores(l.cpuWindow), "cpu_budget_cores", q.budget.CPU}
 	case ReasonMemory:
-		return []any{"reserved_bytes", q.reserved.Load(), "memory_budget_bytes", q.budget.Memory}
+		return []any{"reserved_bytes", q.reserved.Load(), "in_transit", q.gate.transit(),
+			"task_memory_bytes", q.budget.TaskMemory, "memory_budget_bytes", q.budget.Memory}
 	case ReasonPressure:
-		return []any{"priority", q.budget.Priority}
+		return l.pressureNumbers(q)
 	}
 	return nil
+}
+
+// pressureNumbers returns the log attributes of a task shed by pressure:
+// the priorities shed, and the memory of the last sample with the
+// reservations admitted since, which admission compares with the
+// thresholds.
+func (l *Limiter) pressureNumbers(q *queueState) []any {
+	m := l.monitor
+	if m == nil {
+		return []any{"priority", q.budget.Priority}
+	}
+	return []any{"priority", q.budget.Priority, "shed_priorities_up_to", shedLabel(m.shedMax.Load()),
+		"rss_bytes", m.lastRSS.Load(), "pending_reserved_bytes", m.pending.total(),
+		"memory_soft_bytes", int64(m.memory.soft), "memory_hard_bytes", int64(m.memory.hard)}
 }
 
 // countTask counts a task of the middleware while the gate has not

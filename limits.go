@@ -152,6 +152,11 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 	if err := checkMemoryEstimates(limits, o.estimator); err != nil {
 		return nil, err
 	}
+	if limits.Process.enabled() {
+		if err := checkProcessLimits(limits, &o); err != nil {
+			return nil, err
+		}
+	}
 	// A copy, so that a caller that changes its map later cannot race with
 	// the metrics or change which queues are labelled by name.
 	limits.Queues = maps.Clone(limits.Queues)
@@ -268,17 +273,45 @@ func (l *Limiter) startMonitor(o options) (*monitor, error) {
 	return m, nil
 }
 
-// startProcessMonitor detects the process's limits, when a threshold is a
-// fraction of them, and builds the monitor of process pressure.
-func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error) {
-	detected := o.detected
-	if detected == nil {
+// checkProcessLimits detects the process's limits into o, unless a test set
+// them, and checks the thresholds that fractions of them resolve to. It logs
+// a warning for each setting that cannot take effect.
+func checkProcessLimits(limits Limits, o *options) error {
+	if o.detected == nil {
 		d, err := resource.DetectLimits()
 		if err != nil {
-			return nil, fmt.Errorf("asynqlimit: detect the process's memory and CPU limits for Limits.Process: %w", err)
+			return fmt.Errorf("asynqlimit: detect the process's memory and CPU limits for Limits.Process: %w", err)
 		}
-		detected = &d
+		o.detected = &d
 	}
+	fields, warnings := limits.Process.checkResolved(*o.detected)
+	if len(fields) > 0 {
+		return &ConfigError{Fields: fields}
+	}
+	if !limits.hasPriorityBelowHighest() {
+		warnings = append(warnings, "every queue has the same Priority, so process pressure never sheds or preempts a task; give less important queues a lower Budget.Priority")
+	}
+	for _, w := range warnings {
+		o.logger.Warn("asynqlimit: " + w)
+	}
+	return nil
+}
+
+// hasPriorityBelowHighest reports whether some budget has a Priority below
+// another's, which shedding and preemption need.
+func (l Limits) hasPriorityBelowHighest() bool {
+	for _, b := range l.Queues {
+		if b.Priority != l.Default.Priority {
+			return true
+		}
+	}
+	return false
+}
+
+// startProcessMonitor builds the monitor of process pressure, on the limits
+// that checkProcessLimits detected.
+func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor, error) {
+	detected := o.detected
 	sampler := o.sampler
 	if sampler == nil {
 		s, err := resource.NewProcessSampler()

@@ -1,11 +1,15 @@
 package asynqlimit
 
 import (
+	"context"
 	"errors"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -73,4 +77,28 @@ func TestMemoryBudgetNeedsEstimate(t *testing.T) {
 		t.Fatalf("New() with an estimator: %v, want nil", err)
 	}
 	l.Close()
+}
+
+func TestDeferralLogShowsComparedNumbers(t *testing.T) {
+	logs := &syncBuffer{}
+	l, err := New(Limits{Queues: map[string]Budget{"q": {Memory: 100, TaskMemory: 60}}},
+		WithRegisterer(prometheus.NewRegistry()), WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	q := l.queue("q")
+	q.reserved.Store(60)
+
+	if err := l.deferTask(context.Background(), q, asynq.NewTask("t", nil), ReasonMemory); !errors.Is(err, ErrOverBudget) {
+		t.Fatalf("deferTask() error = %v, want ErrOverBudget", err)
+	}
+	for _, want := range []string{"reason=memory", "reserved_bytes=60", "task_memory_bytes=60", "memory_budget_bytes=100"} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("deferral log has no %s:\n%s", want, logs)
+		}
+	}
+	if strings.Contains(logs.String(), "in_flight=") {
+		t.Errorf("deferral log for memory shows the concurrency numbers:\n%s", logs)
+	}
 }

@@ -233,8 +233,10 @@ func (l *Limiter) deferTask(ctx context.Context, q *queueState, t *asynq.Task, r
 	delay := q.deferDelay(time.Now())
 	q.metrics.deferrals[reason].Inc()
 	q.metrics.outcomes[OutcomeDeferred].Inc()
-	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task deferred",
-		"reason", reason, "in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency, "delay", delay)
+	if l.logger.Enabled(ctx, slog.LevelInfo) {
+		attrs := append([]any{"reason", reason, "delay", delay}, l.gateNumbers(q, reason)...)
+		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task deferred", attrs...)
+	}
 	return &DeferError{Queue: q.name, Reason: reason, Delay: delay, issued: true}
 }
 

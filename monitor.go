@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"runtime/debug"
+	runtimemetrics "runtime/metrics"
 	"sync/atomic"
 	"time"
 
@@ -35,6 +36,10 @@ type monitor struct {
 	ladder      *shedLadder
 	prev        ResourceSample
 	hasPrev     bool
+	// lastErrorLog and failedSamples rate-limit the log of failed samples;
+	// only the sampling goroutine uses them.
+	lastErrorLog  time.Time
+	failedSamples int
 
 	// shedMax is the highest shed priority, or noShed. Admission reads it
 	// without a lock.
@@ -134,14 +139,38 @@ func (m *monitor) close() {
 // threshold unless a limit is set already.
 func (m *monitor) setGoMemoryLimit() {
 	soft := int64(m.memory.soft)
+	if soft <= 0 {
+		m.logger.Warn("asynqlimit: SetGoMemoryLimit has no effect without a soft memory threshold; set Process.MemorySoft or MemorySoftFraction")
+		return
+	}
 	previous := debug.SetMemoryLimit(-1)
-	if soft <= 0 || previous != math.MaxInt64 || os.Getenv("GOMEMLIMIT") != "" {
-		m.logger.Info("asynqlimit: Go memory limit left as it is", "limit_bytes", previous, "soft_threshold_bytes", soft)
+	if previous != math.MaxInt64 || os.Getenv("GOMEMLIMIT") != "" {
+		m.logger.Info("asynqlimit: Go memory limit left as it is, because it was set already", "limit_bytes", previous, "soft_threshold_bytes", soft)
 		return
 	}
 	debug.SetMemoryLimit(soft)
 	m.restoreMemoryLimit = func() { debug.SetMemoryLimit(previous) }
 	m.logger.Info("asynqlimit: Go memory limit set to the soft memory threshold", "limit_bytes", soft)
+	if used := goMemoryUsed(); used > uint64(soft) {
+		m.logger.Warn("asynqlimit: the Go runtime already uses more memory than the soft threshold, so the garbage collector will run almost without pause; raise the soft memory threshold or turn SetGoMemoryLimit off",
+			"go_memory_bytes", used, "soft_threshold_bytes", soft)
+	}
+}
+
+// goMemoryUsed returns the memory that the Go runtime has mapped and not
+// released, the total that the Go memory limit applies to.
+func goMemoryUsed() uint64 {
+	samples := []runtimemetrics.Sample{
+		{Name: "/memory/classes/total:bytes"},
+		{Name: "/memory/classes/heap/released:bytes"},
+	}
+	runtimemetrics.Read(samples)
+	for _, s := range samples {
+		if s.Value.Kind() != runtimemetrics.KindUint64 {
+			return 0
+		}
+	}
+	return samples[0].Value.Uint64() - samples[1].Value.Uint64()
 }
 
 // step turns one sample into pressure levels and a shedding decision. A
@@ -149,7 +178,7 @@ func (m *monitor) setGoMemoryLimit() {
 func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	if err != nil {
 		m.metrics.samplerErrors.Inc()
-		m.logger.Error("asynqlimit: sampling the process failed; pressure decisions stay as they were", "error", err)
+		m.logSampleError(err, now)
 		return
 	}
 
@@ -174,6 +203,22 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	if memoryLevel == PressureHard && m.memory.rawLevel(float64(s.RSS), 0) == PressureHard && m.preempt != nil {
 		m.preempt()
 	}
+}
+
+// sampleErrorLogEvery is the least time between two log lines of failed
+// samples. The sampler_errors_total counter counts every failure.
+const sampleErrorLogEvery = time.Minute
+
+// logSampleError logs a failed sample, at most once per
+// sampleErrorLogEvery, with the number of failures since the last line.
+func (m *monitor) logSampleError(err error, now time.Time) {
+	m.failedSamples++
+	if !m.lastErrorLog.IsZero() && now.Sub(m.lastErrorLog) < sampleErrorLogEvery {
+		return
+	}
+	m.logger.Error("asynqlimit: sampling the process failed; pressure decisions stay as they were until a sample succeeds",
+		"error", err, "failures_since_last_log", m.failedSamples)
+	m.lastErrorLog, m.failedSamples = now, 0
 }
 
 // transition updates one resource's threshold, and logs and reports a

@@ -3,9 +3,11 @@ package asynqlimit
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"math"
 	"os"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -233,5 +235,36 @@ func TestSetGoMemoryLimit(t *testing.T) {
 	l.Close()
 	if got := debug.SetMemoryLimit(-1); got != math.MaxInt64 {
 		t.Errorf("Go memory limit after Close = %d, want it restored to no limit", got)
+	}
+}
+
+func TestSampleErrorLogIsRateLimited(t *testing.T) {
+	logs := &syncBuffer{}
+	l, _, _ := newMonitoredLimiter(t, threeQueues(ProcessLimits{MemorySoft: 100}),
+		WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	failure := errors.New("read /proc: permission denied")
+	start := time.Unix(1000, 0)
+	for i := range 5 {
+		l.monitor.step(ResourceSample{}, failure, start.Add(time.Duration(i)*time.Second))
+	}
+	if got := strings.Count(logs.String(), "sampling the process failed"); got != 1 {
+		t.Errorf("log lines of 5 failures within a minute = %d, want 1:\n%s", got, logs)
+	}
+
+	l.monitor.step(ResourceSample{}, failure, start.Add(sampleErrorLogEvery))
+	if got := strings.Count(logs.String(), "sampling the process failed"); got != 2 {
+		t.Errorf("log lines after a minute = %d, want 2", got)
+	}
+	if !strings.Contains(logs.String(), "failures_since_last_log=5") {
+		t.Errorf("second line does not count the 5 failures since the first:\n%s", logs)
+	}
+}
+
+func TestSetGoMemoryLimitWithoutSoftThresholdWarns(t *testing.T) {
+	logs := &syncBuffer{}
+	newMonitoredLimiter(t, threeQueues(ProcessLimits{MemoryHard: 500, SetGoMemoryLimit: true}),
+		WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	if !strings.Contains(logs.String(), "level=WARN msg=\"asynqlimit: SetGoMemoryLimit has no effect without a soft memory threshold") {
+		t.Errorf("log has no warning about SetGoMemoryLimit without MemorySoft:\n%s", logs)
 	}
 }

@@ -2,7 +2,10 @@ package asynqlimit
 
 import (
 	"fmt"
+	"math"
 	"time"
+
+	"github.com/asynqlimit/asynqlimit/internal/resource"
 )
 
 // Defaults of ProcessLimits.
@@ -72,22 +75,23 @@ func (p ProcessLimits) validate(path string) []FieldError {
 	pairs := []struct {
 		name     string
 		absolute float64
+		shown    any // the absolute value as the user wrote it
 		fraction float64
 	}{
-		{"MemorySoft", float64(p.MemorySoft), p.MemorySoftFraction},
-		{"MemoryHard", float64(p.MemoryHard), p.MemoryHardFraction},
-		{"CPUSoft", p.CPUSoft, p.CPUSoftFraction},
-		{"CPUHard", p.CPUHard, p.CPUHardFraction},
+		{"MemorySoft", float64(p.MemorySoft), p.MemorySoft, p.MemorySoftFraction},
+		{"MemoryHard", float64(p.MemoryHard), p.MemoryHard, p.MemoryHardFraction},
+		{"CPUSoft", p.CPUSoft, p.CPUSoft, p.CPUSoftFraction},
+		{"CPUHard", p.CPUHard, p.CPUHard, p.CPUHardFraction},
 	}
 	for _, pair := range pairs {
-		if !(pair.absolute >= 0) { // also rejects NaN
-			add(pair.name, "must be >= 0, got %v (0 means the fraction, or no threshold)", pair.absolute)
+		if !(pair.absolute >= 0) || math.IsInf(pair.absolute, 1) { // also rejects NaN
+			add(pair.name, "must be a finite number >= 0, got %v (0 means the fraction, or no threshold)", pair.shown)
 		}
 		if !(pair.fraction >= 0 && pair.fraction <= 1) {
 			add(pair.name+"Fraction", "must be in [0, 1], got %v (0.8 means 80%% of the detected limit)", pair.fraction)
 		}
 		if pair.absolute != 0 && pair.fraction != 0 {
-			add(pair.name+"Fraction", "must be 0 when %s is set (got %v and %v); set one of the two", pair.name, pair.absolute, pair.fraction)
+			add(pair.name+"Fraction", "must be 0 when %s is set (got %v and %v); set one of the two", pair.name, pair.shown, pair.fraction)
 		}
 	}
 	if p.MemorySoft > 0 && p.MemoryHard > 0 && p.MemorySoft > p.MemoryHard {
@@ -109,6 +113,38 @@ func (p ProcessLimits) validate(path string) []FieldError {
 		add("Grace", "must be >= 0, got %s (0 means one sample interval)", p.Grace)
 	}
 	return fields
+}
+
+// checkResolved returns the errors of thresholds that contradict each other
+// only once fractions are taken of the detected limits: a soft threshold
+// above the hard one when one of the two is a fraction. It also returns a
+// warning for each threshold above the detected limit, which pressure can
+// reach only when the limit was detected too low.
+func (p ProcessLimits) checkResolved(detected resource.Limits) (fields []FieldError, warnings []string) {
+	memory, cpu := p.resolve(detected.MemoryBytes, detected.CPUCores, time.Second)
+	if memory.soft > 0 && memory.hard > 0 && memory.soft > memory.hard {
+		fields = append(fields, FieldError{"Process.MemorySoft", fmt.Sprintf(
+			"must resolve to at most the hard threshold, got %d bytes against %d bytes of a detected limit of %d bytes (%s); lower MemorySoft or MemorySoftFraction, or raise the hard threshold",
+			int64(memory.soft), int64(memory.hard), detected.MemoryBytes, detected.MemorySource)})
+	}
+	if cpu.soft > 0 && cpu.hard > 0 && cpu.soft > cpu.hard {
+		fields = append(fields, FieldError{"Process.CPUSoft", fmt.Sprintf(
+			"must resolve to at most the hard threshold, got %v cores against %v cores of a detected limit of %v cores (%s); lower CPUSoft or CPUSoftFraction, or raise the hard threshold",
+			cpu.soft, cpu.hard, detected.CPUCores, detected.CPUSource)})
+	}
+	over := func(name string, value, limit float64, shown func(float64) string) {
+		if limit > 0 && value > limit {
+			warnings = append(warnings, fmt.Sprintf("Process.%s is %s, above the detected limit of %s, so pressure reaches it only if the limit was detected too low",
+				name, shown(value), shown(limit)))
+		}
+	}
+	bytes := func(v float64) string { return fmt.Sprintf("%d bytes", int64(v)) }
+	cores := func(v float64) string { return fmt.Sprintf("%v cores", v) }
+	over("MemorySoft", memory.soft, float64(detected.MemoryBytes), bytes)
+	over("MemoryHard", memory.hard, float64(detected.MemoryBytes), bytes)
+	over("CPUSoft", cpu.soft, detected.CPUCores, cores)
+	over("CPUHard", cpu.hard, detected.CPUCores, cores)
+	return fields, warnings
 }
 
 // resolve returns the absolute thresholds, with fractions taken of the

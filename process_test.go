@@ -1,11 +1,15 @@
 package asynqlimit
 
 import (
+	"errors"
+	"log/slog"
 	"math"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func TestProcessLimitsValidate(t *testing.T) {
@@ -36,6 +40,11 @@ func TestProcessLimitsValidate(t *testing.T) {
 			name:   "soft above hard",
 			limits: ProcessLimits{MemorySoft: 2, MemoryHard: 1, CPUSoftFraction: 0.9, CPUHardFraction: 0.5},
 			want:   []string{"Process.MemorySoft", "Process.CPUSoftFraction"},
+		},
+		{
+			name:   "infinite",
+			limits: ProcessLimits{CPUHard: math.Inf(1)},
+			want:   []string{"Process.CPUHard"},
 		},
 		{
 			name:   "hysteresis of one",
@@ -75,5 +84,52 @@ func TestProcessLimitsResolve(t *testing.T) {
 	}
 	if !p.enabled() {
 		t.Errorf("ProcessLimits with thresholds is off, want enabled")
+	}
+}
+
+func TestNewRejectsSoftAboveHardOfMixedKinds(t *testing.T) {
+	// testDetected has 1000 bytes and 4 cores: the hard thresholds resolve
+	// to 500 bytes and 1 core, below the soft ones.
+	_, err := New(Limits{
+		Queues: map[string]Budget{"high": {Priority: 1}},
+		Process: ProcessLimits{MemorySoft: 900, MemoryHardFraction: 0.5,
+			CPUSoftFraction: 0.9, CPUHard: 1},
+	}, withDetectedLimits(testDetected), WithRegisterer(prometheus.NewRegistry()))
+	var cfg *ConfigError
+	if !errors.As(err, &cfg) {
+		t.Fatalf("New() error = %v, want a *ConfigError", err)
+	}
+	var got []string
+	for _, f := range cfg.Fields {
+		got = append(got, f.Path)
+	}
+	if diff := cmp.Diff([]string{"Process.MemorySoft", "Process.CPUSoft"}, got); diff != "" {
+		t.Errorf("invalid field paths (-want +got):\n%s", diff)
+	}
+	if !strings.Contains(err.Error(), "900 bytes against 500 bytes") {
+		t.Errorf("error %q does not name the resolved thresholds in bytes", err)
+	}
+}
+
+func TestNewWarnsAboutIneffectiveProcessLimits(t *testing.T) {
+	logs := &syncBuffer{}
+	l, err := New(Limits{Process: ProcessLimits{MemorySoft: 500, MemoryHard: 2000, CPUSoft: 8}},
+		withDetectedLimits(testDetected), WithSampler(&fakeSampler{}), WithSampleInterval(time.Hour),
+		WithRegisterer(prometheus.NewRegistry()), WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	for _, want := range []string{
+		"Process.MemoryHard is 2000 bytes, above the detected limit of 1000 bytes",
+		"Process.CPUSoft is 8 cores, above the detected limit of 4 cores",
+		"every queue has the same Priority",
+	} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("log has no warning %q:\n%s", want, logs)
+		}
+	}
+	if strings.Contains(logs.String(), "MemorySoft is") {
+		t.Errorf("log warns about MemorySoft, which is below the detected limit:\n%s", logs)
 	}
 }
