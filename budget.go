@@ -60,26 +60,45 @@ type Budget struct {
 	MaxDeferDelay time.Duration
 	// Memory is the memory, in bytes, that the running tasks of the queue
 	// may reserve together. Each task reserves TaskMemory, or what the
-	// WithMemoryEstimator function returns for it, until its handler
-	// returns. A task that does not fit is deferred with reason "memory".
-	// Go cannot measure the memory of one goroutine, so this is a budget of
-	// estimates. If zero, the queue has no memory budget.
+	// WithMemoryEstimator function returns for it (0 if that is negative),
+	// until its handler returns. A reservation above Memory is capped at
+	// Memory, so one task always fits an empty queue. A task that does not
+	// fit is deferred with reason "memory". Go cannot measure the memory of
+	// one goroutine, so this is a budget of estimates. If zero, the queue
+	// has no memory budget.
 	Memory int64
 	// TaskMemory is the memory reservation of one task in bytes, used when
 	// no WithMemoryEstimator function is given. It also orders preemption
 	// under hard memory pressure, largest first.
+	//
+	// With a memory threshold in Limits.Process, admission adds the
+	// reservations of the running tasks admitted since the last sample, and
+	// the new task's own, to that sample's resident memory. If the sum
+	// would cross a threshold that the sample was below, the task is
+	// deferred with reason "pressure". Crossing soft sheds the lowest
+	// priority, and crossing hard sheds every priority but the highest.
+	// The highest priority is never shed this way. So tasks can be deferred
+	// for pressure while asynqlimit_pressure still reads 0.
 	TaskMemory int64
 	// CPU is the CPU, in cores, that the queue's tasks may use together,
 	// averaged over the CPU window (WithCPUWindow). While the queue is over
 	// it, its new tasks are deferred with reason "cpu". Each task's CPU time
 	// is read from the clock of the OS thread its handler is locked to, on
-	// Linux only. CPU used by goroutines the handler starts is not seen. A
-	// locked handler pays more for each wait (see package threadcpu). If
-	// zero, the queue has no CPU budget.
+	// Linux only, and other systems enforce no CPU budget. CPU used by
+	// goroutines the handler starts, and by the garbage collector's
+	// background workers, is not counted. Each running task holds an OS
+	// thread of its own, and its handler pays more than an unlocked
+	// goroutine each time it blocks and wakes up.
+	// BenchmarkBlockingWhileLocked measured 12 to 36 µs per channel round
+	// trip, against 0.3 µs unlocked, on 2 AMD EPYC vCPUs with Linux 6.18.
+	// WithoutCPUAccounting turns the measurement off. If zero, the queue
+	// has no CPU budget.
 	CPU float64
-	// TaskCPU is the CPU time one task may use. A task over it has its
-	// context ended and counts as timed_out. It is checked every sample
-	// interval. If zero, there is no limit.
+	// TaskCPU is the CPU time one task may use, measured as for CPU. A task
+	// over it has its context ended and counts as timed_out. It is checked
+	// at each sample interval (WithSampleInterval), so a task can use up to
+	// one interval more CPU time before its context ends. If zero, there is
+	// no limit.
 	TaskCPU time.Duration
 }
 

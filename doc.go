@@ -1,7 +1,9 @@
 // Package asynqlimit keeps an asynq worker alive and fair when tasks
 // misbehave. It gives each queue a budget (concurrency, run time, payload
-// size), defers tasks that do not fit without spending their retries, and
-// exports a Prometheus metric for every decision.
+// size, CPU and memory), sheds low-priority queues when the whole process
+// is under memory or CPU pressure, defers tasks that do not fit without
+// spending their retries, and exports a Prometheus metric for every
+// decision.
 //
 // # Quick start
 //
@@ -41,6 +43,10 @@
 //	l.InstrumentRedis(client) // the dequeue gate; optional
 //	srv := asynq.NewServerFromRedisClient(client, l.ServerConfig(cfg))
 //	mux.Use(l.Middleware()) // first, so it runs outermost
+//	...
+//	// After srv.Shutdown: stop the sampling goroutine and restore the Go
+//	// memory limit that ProcessLimits.SetGoMemoryLimit set.
+//	l.Close()
 //
 // # Budgets
 //
@@ -49,7 +55,11 @@
 // counting handlers that ignore their context until they really return.
 // Timeout is both the default and the maximum run time of a task, and works
 // below one second, which asynq's own timeouts do not. MaxPayload archives a
-// task whose payload is too large, without running it.
+// task whose payload is too large, without running it. Memory caps the
+// memory that a queue's running tasks reserve together, each its
+// TaskMemory or what a WithMemoryEstimator function returns. Go cannot
+// measure one goroutine's memory, so these are estimates. CPU and TaskCPU
+// are described under CPU below.
 //
 // # Deferral
 //
@@ -88,13 +98,17 @@
 // reason "pressure", one more priority level per sample while pressure lasts,
 // never the highest priority. Hard memory pressure also preempts running
 // tasks of the lowest priority, largest memory reservation first, one per
-// sample; they are deferred without spending a retry.
+// sample; they are deferred without spending a retry. Hard CPU pressure
+// sheds but preempts nothing. Between samples, admission also counts the
+// memory reservations of the running tasks it admitted since the last
+// sample (see Budget.TaskMemory).
 //
 // # CPU
 //
 // Budget.CPU caps the cores that a queue's tasks use together, averaged over
 // WithCPUWindow; new tasks of a queue over it are deferred with reason "cpu".
-// Budget.TaskCPU ends the context of a task that uses more CPU time. Each
+// Budget.TaskCPU ends the context of a task that uses more CPU time, checked
+// every WithSampleInterval, so a task can pass it by up to one interval. Each
 // task's CPU time is read, on Linux only, from the clock of the OS thread
 // its handler is locked to while it runs, so CPU used by goroutines the
 // handler starts is not counted. WithoutCPUAccounting turns this off.
@@ -107,14 +121,30 @@
 //
 // # Metrics
 //
-// With WithRegisterer the Limiter registers (namespace asynqlimit):
-// tasks_in_flight, tasks_total{outcome}, deferrals_total{reason},
-// rejections_total{reason}, waits_total, timeouts_total, task_duration_seconds,
-// abandoned_tasks, queue_concurrency_limit, gate_closed and
-// gate_skips_total, each with a queue label that is a configured queue name
-// or "other", and gate_disabled. With an asynq.Inspector
-// (WithInspector, or NewServer with a registerer) it also reports asynq's own
-// queue sizes and latency, read at most once per WithInspectInterval.
+// With WithRegisterer the Limiter registers these metrics, all in the
+// namespace asynqlimit. The README has a table with the meaning of each.
+// The queue label is a configured queue name or "other", which covers
+// every unnamed queue.
+//
+//   - Tasks, with a queue label: tasks_in_flight, tasks_total{outcome},
+//     deferrals_total{reason}, rejections_total{reason}, waits_total,
+//     timeouts_total, preemptions_total, task_duration_seconds and
+//     abandoned_tasks.
+//   - Budgets, with a queue label: queue_concurrency_limit,
+//     task_cpu_seconds, queue_cpu_cores, queue_cpu_budget_cores,
+//     queue_memory_reserved_bytes and queue_memory_budget_bytes.
+//   - Dequeue gate: gate_closed and gate_skips_total, with a queue label,
+//     and gate_disabled.
+//   - Process pressure: process_resident_memory_bytes, process_cpu_cores,
+//     process_limit{resource,threshold}, pressure{resource} and
+//     sampler_errors_total. They read 0 when Limits.Process sets no
+//     threshold.
+//   - asynq's own queues, with an asynq.Inspector (WithInspector, or
+//     NewServer with a registerer): queue_tasks{queue,state},
+//     queue_latency_seconds{queue}, queue_paused{queue} and
+//     queue_inspect_errors_total, read at most once per
+//     WithInspectInterval.
+//
 // Nothing is registered without a registerer, and never on the global
 // registry unless it is passed.
 //

@@ -25,10 +25,12 @@ var ErrTimedOut = errors.New("asynqlimit: task timed out")
 // of asynqlimit_deferrals_total.
 type Reason string
 
-// The reasons for a deferral. The budgets that produce ReasonCPU,
-// ReasonMemory, ReasonRate, ReasonPressure and ReasonFleet are not part of
-// this version, but their series exist so dashboards need no change when
-// they arrive.
+// The reasons for a deferral. A queue's Budget produces ReasonConcurrency,
+// ReasonCPU and ReasonMemory. Limits.Process produces ReasonPressure, both
+// for tasks that pressure sheds and for running tasks that hard memory
+// pressure preempts. No limit produces ReasonRate or ReasonFleet in this
+// version, but their series exist so dashboards need no change when rate
+// and fleet limits arrive.
 const (
 	ReasonConcurrency Reason = "concurrency"
 	ReasonCPU         Reason = "cpu"

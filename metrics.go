@@ -12,7 +12,11 @@ import (
 const namespace = "asynqlimit"
 
 // otherLabel is the queue label of every queue not named in Limits.Queues,
-// so that queue names chosen by producers cannot create series.
+// so that queue names chosen by producers cannot create series. Validate
+// rejects a configured queue of this name. The unnamed queues share each
+// series: counters and histograms add up, as do the in-flight, abandoned,
+// memory-reserved and gate-closed gauges, while queue_cpu_cores holds the
+// value of the unnamed queue sampled last.
 const otherLabel = "other"
 
 // Outcome is the end state of a task handled by the middleware. It is the value of

@@ -130,8 +130,11 @@ func WithSampler(s Sampler) Option {
 	return optionFunc(func(o *options) { o.sampler = s })
 }
 
-// WithSampleInterval sets how often the process is sampled when
-// Limits.Process sets a threshold. If zero or less, DefaultSampleInterval.
+// WithSampleInterval sets how often the sampling goroutine runs. At each
+// interval it samples the process, when Limits.Process sets a threshold, and
+// measures the CPU time of the queues with Budget.CPU or Budget.TaskCPU,
+// when CPU accounting is on. A task over its TaskCPU is therefore stopped up
+// to one interval late. If zero or less, DefaultSampleInterval.
 func WithSampleInterval(d time.Duration) Option {
 	return optionFunc(func(o *options) {
 		if d > 0 {
@@ -146,7 +149,10 @@ func withDetectedLimits(d resource.Limits) Option {
 }
 
 // WithMemoryEstimator sets the function that returns each task's memory
-// reservation for the queues' Memory budgets, in place of Budget.TaskMemory.
+// reservation, in place of Budget.TaskMemory. A negative value reserves 0,
+// and a value above the queue's Memory is capped at Memory. The reservation
+// counts against the queue's Memory budget and, with Limits.Process set, in
+// the memory that admission projects for pressure (see Budget.TaskMemory).
 func WithMemoryEstimator(f MemoryEstimator) Option {
 	return optionFunc(func(o *options) { o.estimator = f })
 }

@@ -16,7 +16,11 @@ const (
 	PressureNone Pressure = iota
 	// PressureSoft sheds the lowest-priority queues.
 	PressureSoft
-	// PressureHard also preempts running tasks of the lowest priority.
+	// PressureHard starts without the grace period and sheds as
+	// PressureSoft does. Only hard memory pressure preempts. At each sample
+	// at or above the hard memory threshold, it stops one running task
+	// below the highest priority, from the lowest priority first. Hard CPU
+	// pressure sheds but preempts nothing.
 	PressureHard
 )
 

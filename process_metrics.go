@@ -2,7 +2,8 @@ package asynqlimit
 
 import "github.com/prometheus/client_golang/prometheus"
 
-// processMetrics holds the metrics of the process monitor.
+// processMetrics holds the metrics of the process monitor. They are
+// registered even when Limits.Process sets no threshold, and then read 0.
 type processMetrics struct {
 	rss           prometheus.Gauge
 	cpu           prometheus.Gauge
