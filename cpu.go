@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/asynqlimit/asynqlimit/internal/threadcpu"
 )
@@ -38,15 +39,17 @@ type queueCPU struct {
 	// recent is the float64 bits of the use over the last sample interval.
 	// perTask is the float64 bits of that use per running task, 1 core until
 	// a sample has measured running tasks. pending counts the running tasks
-	// admitted since the last sample, and finishedSince is the CPU time of
-	// the tasks that finished since then, in nanoseconds, written under
-	// runsMu. Admission adds them up, so the tasks admitted between two
-	// samples cannot take the queue far over its budget before the next
-	// sample measures them.
+	// admitted since the last sample. finishedSince is the CPU time, in
+	// nanoseconds, that the tasks finished since then used after it, written
+	// under runsMu, and sampledAt is the time of that sample in Unix
+	// nanoseconds. Admission projects the queue's use from them, so the tasks
+	// admitted between two samples cannot take the queue far over its budget
+	// before the next sample measures them.
 	recent        atomic.Uint64
 	perTask       atomic.Uint64
 	pending       ramp
 	finishedSince atomic.Int64
+	sampledAt     atomic.Int64
 }
 
 // usedCores returns the queue's average CPU use over the window, in cores.
@@ -55,15 +58,23 @@ func (q *queueState) usedCores() float64 {
 }
 
 // projectedCores returns the CPU use that admission compares with the
-// budget: the larger of the window's average and the last interval's use,
-// plus what the tasks admitted since the last sample add. A finished one
-// adds its CPU time spread over the window, as the next sample will count
-// it, and a running one adds the last sample's use per running task.
-func (q *queueState) projectedCores(window time.Duration) float64 {
+// budget at now: the largest of the window's average, the last interval's
+// use and the use of the tasks finished since the last sample, plus the
+// last sample's use per running task for each running task admitted since.
+// The three rates measure the same work over different spans, so they are
+// compared rather than added.
+func (q *queueState) projectedCores(now time.Time) float64 {
 	recent := math.Float64frombits(q.cpu.recent.Load())
 	perTask := math.Float64frombits(q.cpu.perTask.Load())
-	finished := time.Duration(q.cpu.finishedSince.Load()).Seconds() / window.Seconds()
-	return max(q.usedCores(), recent) + finished + float64(q.cpu.pending.total())*perTask
+	finished := 0.0
+	if cpu := q.cpu.finishedSince.Load(); cpu > 0 {
+		// A task's CPU time since the sample is at most the time since the
+		// sample, so the rate is at most the number of tasks that ran at once.
+		// The floor keeps a clock step from dividing by zero.
+		elapsed := max(now.UnixNano()-q.cpu.sampledAt.Load(), int64(time.Millisecond))
+		finished = float64(cpu) / float64(elapsed)
+	}
+	return max(q.usedCores(), recent, finished) + float64(q.cpu.pending.total())*perTask
 }
 
 // lockThread locks the run's goroutine to its thread and tracks the run,
@@ -77,7 +88,7 @@ func (r *taskRun) lockThread() {
 	th, err := threadcpu.Lock()
 	q.runsMu.Lock()
 	q.runs[r] = struct{}{}
-	r.thread, r.hasThread = th, err == nil
+	r.thread, r.hasThread, r.cpuSampled = th, err == nil, 0
 	q.runsMu.Unlock()
 	if err != nil {
 		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: measuring the task's CPU time failed", "error", err)
@@ -103,7 +114,7 @@ func (r *taskRun) unlockThread() {
 	r.hasThread = false
 	if locked && err == nil {
 		q.cpu.finished += used
-		q.cpu.finishedSince.Add(int64(used))
+		q.cpu.finishedSince.Add(int64(used - r.cpuSampled))
 	}
 	if r.grant.cpuPending {
 		q.cpu.pending.done(r.grant.cpuEpoch, 1)
@@ -118,16 +129,30 @@ func (r *taskRun) unlockThread() {
 }
 
 // sampleCPU updates the CPU use of every queue that accounts CPU and stops
-// the tasks over their TaskCPU limit.
+// the tasks over their TaskCPU limit. The unnamed queues share the gauge of
+// the "other" label, which shows their sum.
 func (l *Limiter) sampleCPU(now time.Time) {
+	var other prometheus.Gauge
+	otherCores := 0.0
 	l.eachQueue(func(q *queueState) {
-		if q.cpuAccounting {
-			l.sampleQueueCPU(q, now)
+		if !q.cpuAccounting {
+			return
 		}
+		cores := l.sampleQueueCPU(q, now)
+		if q.label == otherLabel {
+			other, otherCores = q.metrics.cpuCores, otherCores+cores
+			return
+		}
+		q.metrics.cpuCores.Set(cores)
 	})
+	if other != nil {
+		other.Set(otherCores)
+	}
 }
 
-func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
+// sampleQueueCPU updates the CPU use of q and returns its average over the
+// window, in cores.
+func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) float64 {
 	q.runsMu.Lock()
 	total := q.cpu.finished
 	running := 0
@@ -141,12 +166,14 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
 			continue // the task is finishing; its time arrives in finished
 		}
 		total += used
+		r.cpuSampled = used
 		if q.budget.TaskCPU > 0 && used > q.budget.TaskCPU {
 			l.stopOverCPU(r, used)
 		}
 	}
 	q.cpu.pending.reset()
 	q.cpu.finishedSince.Store(0)
+	q.cpu.sampledAt.Store(now.UnixNano())
 	q.runsMu.Unlock()
 
 	if n := len(q.cpu.readings); n > 0 && now.After(q.cpu.readings[n-1].at) {
@@ -170,7 +197,7 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) {
 		cores = (total - first.total).Seconds() / now.Sub(first.at).Seconds()
 	}
 	q.cpu.cores.Store(math.Float64bits(cores))
-	q.metrics.cpuCores.Set(cores)
+	return cores
 }
 
 // stopOverCPU ends the context of a task over its queue's TaskCPU limit. The
@@ -200,7 +227,7 @@ func (l *Limiter) admitCPU(ctx context.Context, q *queueState, t *asynq.Task) er
 	if !q.cpuAccounting || q.budget.CPU == 0 {
 		return nil
 	}
-	used := q.projectedCores(l.cpuWindow)
+	used := q.projectedCores(time.Now())
 	if used < q.budget.CPU {
 		return nil
 	}

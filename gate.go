@@ -293,7 +293,7 @@ func (l *Limiter) gateReason(q *queueState, transit int64) (Reason, bool) {
 	switch {
 	case l.monitor != nil && l.monitor.sheds(b.Priority, 0):
 		return ReasonPressure, true
-	case q.cpuAccounting && b.CPU > 0 && q.projectedCores(l.cpuWindow) >= b.CPU:
+	case q.cpuAccounting && b.CPU > 0 && q.projectedCores(time.Now()) >= b.CPU:
 		return ReasonCPU, true
 	case q.slots != nil && q.slotsHeld.Load()+transit >= int64(b.Concurrency):
 		return ReasonConcurrency, true
@@ -361,7 +361,7 @@ func (l *Limiter) gateNumbers(q *queueState, reason Reason) []any {
 	case ReasonConcurrency:
 		return []any{"slots_held", q.slotsHeld.Load(), "in_transit", q.gate.transit(), "limit", q.budget.Concurrency}
 	case ReasonCPU:
-		return []any{"cpu_cores", q.projectedCores(l.cpuWindow), "cpu_budget_cores", q.budget.CPU}
+		return []any{"cpu_cores", q.projectedCores(time.Now()), "cpu_budget_cores", q.budget.CPU}
 	case ReasonMemory:
 		return []any{"reserved_bytes", q.reserved.Load(), "in_transit", q.gate.transit(),
 			"task_memory_bytes", q.budget.TaskMemory, "memory_budget_bytes", q.budget.Memory}

@@ -59,6 +59,9 @@ type taskRun struct {
 	// both are guarded by the queue's runsMu.
 	thread    threadcpu.Thread
 	hasThread bool
+	// cpuSampled is the CPU time of the task at the last sample that read
+	// it, guarded by the queue's runsMu.
+	cpuSampled time.Duration
 	// chosen is true once preemption picked the run, in either mode, so that
 	// observe mode counts each run once.
 	chosen bool
