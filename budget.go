@@ -72,8 +72,10 @@ type Budget struct {
 	// under hard memory pressure, largest first.
 	//
 	// With a memory threshold in Limits.Process, admission adds the
-	// reservations of the running tasks admitted since the last sample, and
-	// the new task's own, to that sample's resident memory. If the sum
+	// reservations of the running tasks that the samples do not show yet,
+	// and the new task's own, to the last sample's resident memory. A
+	// reservation counts until the task finishes or the resident memory has
+	// grown by as much. If the sum
 	// would cross a threshold that the sample was below, the task is
 	// deferred with reason "pressure". Crossing soft sheds the lowest
 	// priority, and crossing hard sheds every priority but the highest.
@@ -91,8 +93,11 @@ type Budget struct {
 	// goroutine each time it blocks and wakes up.
 	// BenchmarkBlockingWhileLocked measured 12 to 36 µs per channel round
 	// trip, against 0.3 µs unlocked, on 2 AMD EPYC vCPUs with Linux 6.18.
-	// WithoutCPUAccounting turns the measurement off. If zero, the queue
-	// has no CPU budget.
+	// A handler that calls runtime.UnlockOSThread more often than
+	// runtime.LockOSThread leaves the thread while it is measured, and the
+	// CPU time of the goroutines that run on the thread afterwards counts as
+	// the task's, for CPU and TaskCPU. WithoutCPUAccounting turns the
+	// measurement off. If zero, the queue has no CPU budget.
 	CPU float64
 	// TaskCPU is the CPU time one task may use, measured as for CPU. A task
 	// over it has its context ended and counts as timed_out. It is checked
@@ -236,11 +241,10 @@ type grant struct {
 	// reservation is the task's memory estimate in bytes, held or not: the
 	// order of preemption and the pending memory of the process.
 	reservation int64
-	// memoryEpoch and cpuEpoch are the epochs in which the process's memory
-	// ramp and the queue's CPU ramp counted the task; cpuPending is true
-	// when the CPU ramp counted it.
-	memoryEpoch, cpuEpoch uint64
-	cpuPending            bool
+	// cpuEpoch is the epoch in which the queue's CPU ramp counted the task,
+	// when cpuPending is true.
+	cpuEpoch   uint64
+	cpuPending bool
 }
 
 // release returns what g holds.

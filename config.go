@@ -83,4 +83,18 @@ func (l *Limiter) checkServerConfig(cfg asynq.Config) {
 				"queue", name, "concurrency", b.Concurrency, "server_concurrency", workers)
 		}
 	}
+	if l.limits.Process.enabled() && !l.servesPriorityBelowHighest(served) {
+		l.logger.Warn("asynqlimit: every queue the server serves has the highest Priority, so process pressure never sheds or preempts a task; give less important queues a lower Budget.Priority")
+	}
+}
+
+// servesPriorityBelowHighest reports whether a served queue has a Priority
+// below the highest, so that process pressure can shed or preempt it.
+func (l *Limiter) servesPriorityBelowHighest(served map[string]int) bool {
+	for name := range served {
+		if l.queue(name).budget.Priority < l.highestPriority {
+			return true
+		}
+	}
+	return false
 }

@@ -99,9 +99,9 @@
 // never the highest priority. Hard memory pressure also preempts running
 // tasks of the lowest priority, largest memory reservation first, one per
 // sample; they are deferred without spending a retry. Hard CPU pressure
-// sheds but preempts nothing. Between samples, admission also counts the
-// memory reservations of the running tasks it admitted since the last
-// sample (see Budget.TaskMemory).
+// sheds but preempts nothing. Admission also counts the memory
+// reservations of the running tasks that the samples do not show yet (see
+// Budget.TaskMemory).
 //
 // # CPU
 //

@@ -14,6 +14,11 @@ import (
 // of measured use.
 type MemoryEstimator func(queue string, t *asynq.Task) int64
 
+// maxReservation caps one task's reservation at 1 PiB, more than any process
+// has, so that the sums of reservations that admission compares with
+// thresholds cannot overflow int64 for thousands of running tasks.
+const maxReservation = 1 << 50
+
 // estimate returns the memory reservation of a task: the estimator's value
 // or the queue's TaskMemory, capped at the queue's Memory budget so that one
 // task always fits an empty queue.
@@ -22,7 +27,7 @@ func (l *Limiter) estimate(q *queueState, t *asynq.Task) int64 {
 	if l.estimator != nil {
 		n = l.estimator(q.name, t)
 	}
-	n = max(n, 0)
+	n = min(max(n, 0), maxReservation)
 	if q.budget.Memory > 0 {
 		n = min(n, q.budget.Memory)
 	}

@@ -127,7 +127,7 @@ func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (gran
 		return grant{}, err
 	}
 	if l.monitor != nil {
-		g.memoryEpoch = l.monitor.pending.add(g.reservation)
+		l.monitor.pending.add(g.reservation)
 	}
 	if q.cpuAccounting && q.budget.CPU > 0 {
 		g.cpuEpoch, g.cpuPending = q.cpu.pending.add(1), true

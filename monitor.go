@@ -47,11 +47,11 @@ type monitor struct {
 	// memoryLevel is the memory Pressure at the last sample.
 	memoryLevel atomic.Int32
 	// lastRSS is the resident memory at the last sample, and pending is the
-	// memory reserved by the running tasks admitted since. Admission adds
-	// them up, so a burst of admissions cannot overshoot a threshold before
-	// the next sample measures it.
+	// memory reserved by the running tasks that the samples do not show
+	// yet. Admission adds them up, so that a burst of admissions is shed
+	// before the samples measure it.
 	lastRSS atomic.Int64
-	pending ramp
+	pending unseen
 	// lowest is the lowest priority below the highest, shed first when the
 	// projected memory reaches the soft threshold; hasLowest is false with
 	// a single priority.
@@ -193,8 +193,9 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	memoryLevel := m.transition("memory", &m.memory, float64(s.RSS), now)
 	cpuLevel := m.transition("cpu", &m.cpu, cores, now)
 	m.memoryLevel.Store(int32(memoryLevel))
-	m.lastRSS.Store(s.RSS)
-	m.pending.reset()
+	if previous := m.lastRSS.Swap(s.RSS); previous > 0 {
+		m.pending.grew(s.RSS - previous)
+	}
 
 	m.updateShedding(max(memoryLevel, cpuLevel) >= PressureSoft)
 	// The level stays hard through the grace period after memory falls
@@ -251,8 +252,9 @@ func (m *monitor) updateShedding(pressure bool) {
 
 // sheds reports whether pressure sheds a new task of priority that would
 // reserve reservation bytes. It does when the ladder sheds the priority. It
-// also does when the reservations admitted since the last sample, plus this
-// one, would take that sample's memory over a threshold it was below.
+// also does when the reservations that the samples do not show yet, plus
+// this one, would take the last sample's memory over a threshold it was
+// below.
 // Crossing soft sheds the lowest priority, and crossing hard sheds every
 // priority but the highest. A sample already over a threshold is left to
 // the grace period.
@@ -264,7 +266,7 @@ func (m *monitor) sheds(priority int, reservation int64) bool {
 		return false
 	}
 	sampled := m.lastRSS.Load()
-	level := m.memory.rawLevel(float64(sampled+m.pending.total()+reservation), 0)
+	level := m.memory.rawLevel(float64(sampled)+float64(m.pending.total())+float64(reservation), 0)
 	if level <= m.memory.rawLevel(float64(sampled), 0) {
 		return false
 	}

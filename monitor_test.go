@@ -206,7 +206,7 @@ func TestMonitorCountsPendingReservations(t *testing.T) {
 	if m.sheds(0, 30) {
 		t.Fatalf("sheds(0, 30) at RSS 50 = true, want false: 80 is below the soft 100")
 	}
-	m.pending.add(30) // one running task admitted since the sample
+	m.pending.add(30) // one running task that the sample does not show
 	if !m.sheds(0, 30) {
 		t.Errorf("sheds(0, 30) with 30 pending = false, want true: 50+30+30 reaches the soft 100")
 	}
@@ -219,8 +219,19 @@ func TestMonitorCountsPendingReservations(t *testing.T) {
 	}
 
 	m.step(ResourceSample{RSS: 50}, nil, time.Unix(1001, 0))
-	if m.sheds(0, 30) {
-		t.Errorf("sheds(0, 30) after the next sample = true, want false: the sample resets the pending reservations")
+	if !m.sheds(0, 30) {
+		t.Errorf("sheds(0, 30) after a sample without growth = false, want true: the task has not allocated yet")
+	}
+	m.step(ResourceSample{RSS: 70}, nil, time.Unix(1002, 0))
+	if got := m.pending.total(); got != 10 {
+		t.Errorf("pending after the memory grew by 20 = %d, want 10", got)
+	}
+	m.step(ResourceSample{RSS: 90}, nil, time.Unix(1003, 0))
+	if got := m.pending.total(); got != 0 {
+		t.Errorf("pending after the memory grew by 20 more = %d, want 0, never below", got)
+	}
+	if m.sheds(0, 5) {
+		t.Errorf("sheds(0, 5) at RSS 90 with nothing pending = true, want false: 95 is below the soft 100")
 	}
 }
 

@@ -25,7 +25,10 @@ func (q *queueState) untrack(r *taskRun) {
 func (q *queueState) candidate() *taskRun {
 	var best *taskRun
 	for r := range q.runs {
-		if !r.preemptible || r.chosen {
+		// A handler whose context has ended already, at its deadline for
+		// example, and that goes on running ignores its context: ending it
+		// again frees nothing.
+		if !r.preemptible || r.chosen || r.ctx.Err() != nil {
 			continue
 		}
 		if best == nil || r.grant.reservation > best.grant.reservation ||

@@ -2,10 +2,9 @@ package asynqlimit
 
 import "sync/atomic"
 
-// ramp sums what the running tasks admitted since the last sample hold: the
-// memory they reserve, or how many they are. Admission adds it to the last
-// sample, so a burst of admissions between two samples counts before the
-// next sample measures it. A task that finishes before the next sample
+// ramp counts the running tasks of a queue admitted since the last CPU
+// sample. Admission adds their expected use to the sample's, so a burst of
+// admissions between two samples counts before the next sample measures it. A task that finishes before the next sample
 // takes its share back, so a stream of short tasks, one after another, does
 // not add up to a burst.
 //
@@ -42,3 +41,39 @@ func (r *ramp) reset() {
 func (r *ramp) total() int64 {
 	return max(r.sum.Load(), 0)
 }
+
+// unseen sums the memory reservations of running tasks that the samples do
+// not show yet. Admission adds a task's reservation, and it stays until the
+// task finishes or the resident memory grows by as much: a task that
+// allocates its memory over several sample intervals counts until it has.
+// The growth of memory is taken off the sum as a whole, because a sample
+// cannot tell which task allocated it, so the sum is an estimate. It never
+// goes below zero.
+type unseen struct {
+	sum atomic.Int64
+}
+
+// add counts the reservation n of a task admitted now.
+func (u *unseen) add(n int64) { u.sum.Add(n) }
+
+// done takes back the reservation n of a task that finished.
+func (u *unseen) done(n int64) { u.sub(n) }
+
+// grew takes a growth of the resident memory, in bytes, off the sum.
+func (u *unseen) grew(n int64) {
+	if n > 0 {
+		u.sub(n)
+	}
+}
+
+func (u *unseen) sub(n int64) {
+	for {
+		old := u.sum.Load()
+		if u.sum.CompareAndSwap(old, max(old-n, 0)) {
+			return
+		}
+	}
+}
+
+// total returns the sum.
+func (u *unseen) total() int64 { return u.sum.Load() }
