@@ -115,6 +115,12 @@ func (r *taskRun) unlockThread() {
 	if locked && err == nil {
 		q.cpu.finished += used
 		q.cpu.finishedSince.Add(int64(used - r.cpuSampled))
+		// In observe mode, count a task that went over its TaskCPU between
+		// two samples too. In enforce mode, a task that finished before a
+		// sample saw it over the limit keeps the outcome it returned.
+		if r.l.limits.Mode == Observe && q.budget.TaskCPU > 0 && used > q.budget.TaskCPU {
+			r.l.stopOverCPU(r, used)
+		}
 	}
 	if r.grant.cpuPending {
 		q.cpu.pending.done(r.grant.cpuEpoch, 1)

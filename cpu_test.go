@@ -8,6 +8,7 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/asynqlimit/asynqlimit/internal/threadcpu"
 )
@@ -142,5 +143,27 @@ func TestWithoutCPUAccounting(t *testing.T) {
 	}
 	if l.queue("q").cpuAccounting {
 		t.Errorf("queue accounts CPU after WithoutCPUAccounting")
+	}
+}
+
+func TestObserveCountsTaskCPUBetweenSamples(t *testing.T) {
+	skipWithoutThreadCPU(t)
+	l, err := New(Limits{Default: Budget{TaskCPU: 10 * time.Millisecond}, Mode: Observe},
+		WithRegisterer(prometheus.NewRegistry()), WithSampleInterval(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	h := l.Middleware()(asynq.HandlerFunc(func(ctx context.Context, _ *asynq.Task) error {
+		return spin(ctx, 50*time.Millisecond)
+	}))
+
+	// No sample runs while the task does, so only its end can see it over
+	// its TaskCPU.
+	if err := h.ProcessTask(context.Background(), asynq.NewTask("spin", nil)); err != nil {
+		t.Fatalf("ProcessTask in observe mode: %v, want nil", err)
+	}
+	if got := testutil.ToFloat64(l.queue("").metrics.timeouts); got != 1 {
+		t.Errorf("timeouts_total after a task over its TaskCPU in observe mode = %v, want 1", got)
 	}
 }

@@ -67,18 +67,23 @@ func (l *Limiter) enter(ctx context.Context, t *asynq.Task, next asynq.Handler) 
 	name, _ := asynq.GetQueueName(ctx)
 	q := l.queue(name)
 	l.gate.countTask()
-	if err := l.checkPayload(ctx, q, t); err != nil {
-		q.gate.endTransit()
-		return nil, err
-	}
-	g, err := l.admit(ctx, q, t)
-	// The gate counts the task in transit until admission has decided on
-	// it, so that the task is counted there or in the slots held throughout.
-	q.gate.endTransit()
+	g, err := l.decide(ctx, q, t)
 	if err != nil {
 		return nil, err
 	}
 	return l.start(ctx, q, t, next, g), nil
+}
+
+// decide checks the task's payload and admits it. The gate counts the task
+// in transit until admission has decided on it, so that the task is counted
+// there or in the slots held throughout, and the deferred call ends the
+// transit also when a memory estimator panics.
+func (l *Limiter) decide(ctx context.Context, q *queueState, t *asynq.Task) (grant, error) {
+	defer q.gate.endTransit()
+	if err := l.checkPayload(ctx, q, t); err != nil {
+		return grant{}, err
+	}
+	return l.admit(ctx, q, t)
 }
 
 // checkPayload returns an error that makes asynq archive the task when its
