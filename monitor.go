@@ -13,12 +13,26 @@ import (
 	"github.com/asynqlimit/asynqlimit/internal/resource"
 )
 
-// Sampler reads the resource use of the worker process. The default reads
-// resident memory and CPU time with gopsutil and the Go runtime's memory from
-// runtime/metrics; WithSampler replaces it, in tests for example.
+// Sampler reads the resource use of the worker process with its one method,
+// Sample() (ResourceSample, error). The default reads resident memory and CPU
+// time with gopsutil and the Go runtime's memory from runtime/metrics.
+// WithSampler replaces it, in tests for example.
 type Sampler = resource.Sampler
 
-// ResourceSample is one reading of a Sampler.
+// ResourceSample is one reading of a Sampler. Its fields:
+//
+//   - At time.Time: when the sample was taken, with a monotonic clock
+//     reading, so that CPU use between samples survives wall clock changes.
+//   - RSS int64: the resident set size in bytes, including memory mapped by
+//     cgo and other non-Go code. Pressure compares it with the memory
+//     thresholds.
+//   - CPUTime time.Duration: user plus system CPU time of all the process's
+//     threads since it started; on Linux it advances in whole clock ticks.
+//     Pressure compares its rate between two samples, in cores, with the CPU
+//     thresholds.
+//   - GoHeap int64: bytes of Go heap objects, live and not yet freed.
+//   - GoTotal int64: bytes that the Go runtime has mapped read-write,
+//     including memory released to the operating system.
 type ResourceSample = resource.Sample
 
 // noShed is the value of monitor.shedMax while no priority is shed.
@@ -229,9 +243,13 @@ func (m *monitor) transition(resourceName string, th *threshold, value float64, 
 	level := th.update(value, now)
 	m.metrics.pressure.WithLabelValues(resourceName).Set(float64(level))
 	if level != before {
-		m.logger.Warn("asynqlimit: process pressure changed", "resource", resourceName,
-			"from", before.String(), "to", level.String(), "value", value,
-			"soft", th.soft, "hard", th.hard)
+		args := []any{"resource", resourceName, "from", before.String(), "to", level.String()}
+		if resourceName == "memory" { // bytes, as integers rather than 3.98e+08
+			args = append(args, "value_bytes", int64(value), "soft_bytes", int64(th.soft), "hard_bytes", int64(th.hard))
+		} else {
+			args = append(args, "value_cores", value, "soft_cores", th.soft, "hard_cores", th.hard)
+		}
+		m.logger.Warn("asynqlimit: process pressure changed", args...)
 	}
 	return level
 }
