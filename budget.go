@@ -241,8 +241,10 @@ type grant struct {
 	// reservation is the task's memory estimate in bytes, held or not: the
 	// order of preemption and the pending memory of the process.
 	reservation int64
-	// cpuEpoch is the epoch in which the queue's CPU ramp counted the task,
-	// when cpuPending is true.
+	// unseen is the task's entry in the process's unseen reservations, nil
+	// without one. cpuEpoch is the epoch in which the queue's CPU ramp
+	// counted the task, when cpuPending is true.
+	unseen     *unseenEntry
 	cpuEpoch   uint64
 	cpuPending bool
 }

@@ -132,7 +132,7 @@ func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (gran
 		return grant{}, err
 	}
 	if l.monitor != nil {
-		l.monitor.pending.add(g.reservation)
+		g.unseen = l.monitor.pending.add(g.reservation)
 	}
 	if q.cpuAccounting && q.budget.CPU > 0 {
 		g.cpuEpoch, g.cpuPending = q.cpu.pending.add(1), true

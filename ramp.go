@@ -1,6 +1,10 @@
 package asynqlimit
 
-import "sync/atomic"
+import (
+	"slices"
+	"sync"
+	"sync/atomic"
+)
 
 // ramp counts the running tasks of a queue admitted since the last CPU
 // sample. Admission adds their expected use to the sample's, so a burst of
@@ -44,35 +48,72 @@ func (r *ramp) total() int64 {
 
 // unseen sums the memory reservations of running tasks that the samples do
 // not show yet. Admission adds a task's reservation, and it stays until the
-// task finishes or the resident memory grows by as much: a task that
+// task finishes or the resident memory has grown by as much: a task that
 // allocates its memory over several sample intervals counts until it has.
-// The growth of memory is taken off the sum as a whole, because a sample
-// cannot tell which task allocated it, so the sum is an estimate. It never
-// goes below zero.
+// A sample cannot tell which task allocated the growth, so it is taken off
+// the oldest reservations first, the tasks most likely to have allocated by
+// then; the sum is an estimate.
 type unseen struct {
-	sum atomic.Int64
+	mu sync.Mutex
+	// entries are the reservations with some part unseen, oldest first.
+	entries []*unseenEntry
+	sum     atomic.Int64
 }
 
-// add counts the reservation n of a task admitted now.
-func (u *unseen) add(n int64) { u.sum.Add(n) }
+// unseenEntry is the part of one task's reservation that the samples do not
+// show yet, in bytes, guarded by unseen.mu.
+type unseenEntry struct {
+	n int64
+}
 
-// done takes back the reservation n of a task that finished.
-func (u *unseen) done(n int64) { u.sub(n) }
-
-// grew takes a growth of the resident memory, in bytes, off the sum.
-func (u *unseen) grew(n int64) {
-	if n > 0 {
-		u.sub(n)
+// add counts the reservation n of a task admitted now and returns the entry
+// to pass to done, or nil when n is 0.
+func (u *unseen) add(n int64) *unseenEntry {
+	if n <= 0 {
+		return nil
 	}
+	e := &unseenEntry{n: n}
+	u.mu.Lock()
+	u.entries = append(u.entries, e)
+	u.sum.Add(n)
+	u.mu.Unlock()
+	return e
 }
 
-func (u *unseen) sub(n int64) {
-	for {
-		old := u.sum.Load()
-		if u.sum.CompareAndSwap(old, max(old-n, 0)) {
-			return
+// done takes back what is left of the reservation of a task that finished.
+func (u *unseen) done(e *unseenEntry) {
+	if e == nil {
+		return
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if e.n == 0 {
+		return // the samples show all of it, and grew dropped the entry
+	}
+	u.sum.Add(-e.n)
+	e.n = 0
+	u.entries = slices.DeleteFunc(u.entries, func(x *unseenEntry) bool { return x == e })
+}
+
+// grew takes a growth of the resident memory, in bytes, off the oldest
+// reservations.
+func (u *unseen) grew(n int64) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	drop := 0
+	for _, e := range u.entries {
+		if n <= 0 {
+			break
+		}
+		take := min(e.n, n)
+		e.n -= take
+		n -= take
+		u.sum.Add(-take)
+		if e.n == 0 {
+			drop++
 		}
 	}
+	u.entries = slices.Delete(u.entries, 0, drop)
 }
 
 // total returns the sum.

@@ -115,3 +115,36 @@ func TestMemoryRampForgetsFinishedTasks(t *testing.T) {
 		t.Errorf("pending reservations after every task finished = %d, want 0", got)
 	}
 }
+
+func TestUnseenReservations(t *testing.T) {
+	var u unseen
+	first, second := u.add(100), u.add(100)
+	if got := u.total(); got != 200 {
+		t.Fatalf("total after two reservations of 100 = %d, want 200", got)
+	}
+
+	// The memory grew by as much as the older task reserved: that task has
+	// allocated, the newer one has not.
+	u.grew(100)
+	if got := u.total(); got != 100 {
+		t.Errorf("total after 100 bytes of growth = %d, want 100", got)
+	}
+	u.done(first)
+	if got := u.total(); got != 100 {
+		t.Errorf("total after the task the samples show finished = %d, want 100, the newer task's", got)
+	}
+
+	u.grew(30)
+	u.grew(-50) // memory freed by the finished task takes nothing off
+	if got := u.total(); got != 70 {
+		t.Errorf("total after 30 more bytes of growth = %d, want 70", got)
+	}
+	u.done(second)
+	if got := u.total(); got != 0 {
+		t.Errorf("total after every task finished = %d, want 0", got)
+	}
+	if u.add(0) != nil || u.total() != 0 {
+		t.Errorf("add(0) counted a reservation, want nothing")
+	}
+	u.done(nil) // a task without a reservation
+}

@@ -236,7 +236,7 @@ func (r *taskRun) execute() {
 		}
 		r.q.finish(r.grant, elapsed)
 		if m := r.l.monitor; m != nil {
-			m.pending.done(r.grant.reservation)
+			m.pending.done(r.grant.unseen)
 		}
 		r.l.running.Add(-1)
 		if res.err == errGoexit {
