@@ -98,6 +98,9 @@ func (l *Limiter) start(ctx context.Context, q *queueState, t *asynq.Task, next 
 			q.track(r)
 		}
 	}
+	// NOTE: a queue without Timeout, TaskCPU or preemption could call the
+	// handler here and leave its deadline to asynq, saving the handoff,
+	// which costs most with CPU accounting and an idle processor.
 	go r.execute()
 	return r
 }
