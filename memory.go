@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/hibiken/asynq"
 )
@@ -58,7 +59,10 @@ func (l *Limiter) admitMemory(ctx context.Context, q *queueState, t *asynq.Task,
 	}
 
 	q.metrics.waits.Inc()
+	l.logWait(ctx, q, t, ReasonMemory)
+	start := time.Now()
 	if err := q.memory.Acquire(ctx, n); err != nil {
+		l.waitEnded(ctx, q, t, ReasonMemory, time.Since(start), err)
 		return 0, fmt.Errorf("asynqlimit: task waited for %d bytes of the memory budget of queue %q (%d bytes) until its context ended; "+
 			"give the task more retries or a longer timeout, or raise the queue's Memory: %w", n, q.name, q.budget.Memory, err)
 	}

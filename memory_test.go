@@ -102,3 +102,33 @@ func TestDeferralLogShowsComparedNumbers(t *testing.T) {
 		t.Errorf("deferral log for memory shows the concurrency numbers:\n%s", logs)
 	}
 }
+
+func TestMemoryWaitTimeoutCounted(t *testing.T) {
+	logs := &syncBuffer{}
+	l, err := New(Limits{Default: Budget{Memory: 100, TaskMemory: 60}},
+		WithRegisterer(prometheus.NewRegistry()), WithLogger(slog.New(slog.NewTextHandler(logs, nil))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	q := l.queue("")
+	if !q.memory.TryAcquire(60) { // a running task holds 60 of the 100 bytes
+		t.Fatal("TryAcquire(60) on an empty budget = false")
+	}
+	defer q.memory.Release(60)
+
+	// Without asynq's metadata the task is on its last attempt, so it waits
+	// for room instead of being deferred, until its deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error { return nil }))
+	if err := h.ProcessTask(ctx, asynq.NewTask("t", nil)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("ProcessTask() error = %v, want context.DeadlineExceeded", err)
+	}
+	if got := testutil.ToFloat64(q.metrics.outcomes[OutcomeTimedOut]); got != 1 {
+		t.Errorf("tasks_total{timed_out} after the deadline passed in the memory wait = %v, want 1", got)
+	}
+	if !strings.Contains(logs.String(), "deadline passed while it waited for room") || !strings.Contains(logs.String(), "memory_budget_bytes=100") {
+		t.Errorf("log does not report the ended memory wait with its numbers:\n%s", logs)
+	}
+}

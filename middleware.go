@@ -199,13 +199,12 @@ func lastAttempt(ctx context.Context) bool {
 // admitted in arrival order, before any task that arrives after them.
 func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool, error) {
 	q.metrics.waits.Inc()
-	l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task waits for room because it is on its last attempt",
-		"in_flight", q.inFlight.Load(), "limit", q.budget.Concurrency)
+	l.logWait(ctx, q, t, ReasonConcurrency)
 
 	start := time.Now()
 	if err := q.slots.Acquire(ctx, 1); err != nil {
 		waited := time.Since(start)
-		l.waitEnded(ctx, q, t, waited, err)
+		l.waitEnded(ctx, q, t, ReasonConcurrency, waited, err)
 		return false, fmt.Errorf("asynqlimit: task waited %s for room on queue %q (concurrency %d) until its context ended; "+
 			"give the task more retries or a longer timeout, or raise the queue's Concurrency: %w",
 			waited.Round(time.Millisecond), q.name, q.budget.Concurrency, err)
@@ -220,16 +219,25 @@ func (l *Limiter) wait(ctx context.Context, q *queueState, t *asynq.Task) (bool,
 // times out: running it over the cap would break the budget instead. A
 // cancellation comes from asynq's shutdown, which puts the task back, or from
 // CancelProcessing, so it is logged without blame and not counted.
-func (l *Limiter) waitEnded(ctx context.Context, q *queueState, t *asynq.Task, waited time.Duration, err error) {
+func (l *Limiter) waitEnded(ctx context.Context, q *queueState, t *asynq.Task, reason Reason, waited time.Duration, err error) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task's context was canceled while it waited for room",
-			"waited", waited, "error", err)
+			"reason", reason, "waited", waited, "error", err)
 		return
 	}
 	q.metrics.outcomes[OutcomeTimedOut].Inc()
+	attrs := append([]any{"reason", reason, "waited", waited, "error", err}, l.gateNumbers(q, reason)...)
 	l.logEvent(ctx, q, t, slog.LevelError,
-		"asynqlimit: task's deadline passed while it waited for room; asynq archives it because it is on its last attempt",
-		"waited", waited, "limit", q.budget.Concurrency, "error", err)
+		"asynqlimit: task's deadline passed while it waited for room; asynq archives it because it is on its last attempt", attrs...)
+}
+
+// logWait logs that a task on its last attempt waits for room, with the
+// numbers of the budget it waits for.
+func (l *Limiter) logWait(ctx context.Context, q *queueState, t *asynq.Task, reason Reason) {
+	if l.logger.Enabled(ctx, slog.LevelInfo) {
+		attrs := append([]any{"reason", reason}, l.gateNumbers(q, reason)...)
+		l.logEvent(ctx, q, t, slog.LevelInfo, "asynqlimit: task waits for room because it is on its last attempt", attrs...)
+	}
 }
 
 // deferTask counts and logs a deferral and returns the *DeferError that
