@@ -49,12 +49,8 @@ func TestHugeEstimateIsShed(t *testing.T) {
 	sampler.set(50, nil)
 	l.monitor.step(ResourceSample{RSS: 50}, nil, time.Unix(1000, 0))
 
-	release, started := make(chan struct{}), make(chan struct{})
-	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
-		started <- struct{}{}
-		<-release
-		return nil
-	}))
+	started, release := make(chan struct{}), make(chan struct{})
+	h := l.Middleware()(blockingHandler(started, release))
 	// Without asynq's metadata the task is on its last attempt: it runs,
 	// and the shedding decision is only counted.
 	errs := blockingTasks(t, h, "huge", 1, started)
@@ -85,12 +81,8 @@ func TestReservationsCountUntilAllocated(t *testing.T) {
 	sampler.set(50, nil)
 	l.monitor.step(ResourceSample{RSS: 50}, nil, time.Unix(1000, 0))
 
-	release, started := make(chan struct{}), make(chan struct{})
-	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
-		started <- struct{}{}
-		<-release
-		return nil
-	}))
+	started, release := make(chan struct{}), make(chan struct{})
+	h := l.Middleware()(blockingHandler(started, release))
 	shed := l.queue("").metrics.deferrals[ReasonPressure]
 	errs := blockingTasks(t, h, "first", 1, started) // 50 + 30: admitted
 	// The next sample: the task has not allocated, so RSS is unchanged.
