@@ -202,6 +202,7 @@ func (l *Limiter) newQueueState(name, label string, b Budget) *queueState {
 		},
 	}
 	q.gate.logs = newGateLogLimiter()
+	q.cpu.base = time.Now()
 	if b.Concurrency > 0 {
 		q.slots = semaphore.NewWeighted(int64(b.Concurrency))
 	}

@@ -41,8 +41,8 @@ type queueCPU struct {
 	// a sample has measured running tasks. pending counts the running tasks
 	// admitted since the last sample. finishedSince is the CPU time, in
 	// nanoseconds, that the tasks finished since then used after it, written
-	// under runsMu, and sampledAt is the time of that sample in Unix
-	// nanoseconds. Admission projects the queue's use from them, so the tasks
+	// under runsMu, and sampledAt is the time of that sample in nanoseconds
+	// since base, the monotonic time the queue's state was made. Admission projects the queue's use from them, so the tasks
 	// admitted between two samples cannot take the queue far over its budget
 	// before the next sample measures them.
 	recent        atomic.Uint64
@@ -50,6 +50,7 @@ type queueCPU struct {
 	pending       ramp
 	finishedSince atomic.Int64
 	sampledAt     atomic.Int64
+	base          time.Time
 }
 
 // usedCores returns the queue's average CPU use over the window, in cores.
@@ -71,7 +72,7 @@ func (q *queueState) projectedCores(now time.Time) float64 {
 		// A task's CPU time since the sample is at most the time since the
 		// sample, so the rate is at most the number of tasks that ran at once.
 		// The floor keeps a clock step from dividing by zero.
-		elapsed := max(now.UnixNano()-q.cpu.sampledAt.Load(), int64(time.Millisecond))
+		elapsed := max(int64(now.Sub(q.cpu.base))-q.cpu.sampledAt.Load(), int64(time.Millisecond))
 		finished = float64(cpu) / float64(elapsed)
 	}
 	return max(q.usedCores(), recent, finished) + float64(q.cpu.pending.total())*perTask
@@ -106,13 +107,19 @@ func (r *taskRun) unlockThread() {
 	var err error
 	locked := r.hasThread // written only by this goroutine
 	if locked {
-		used, err = r.thread.Unlock()
+		// The goroutine stays on its thread until the run is untracked, so
+		// that a sample never reads the thread once other goroutines may
+		// run on it.
+		used, err = r.thread.Used()
 	}
 
 	q.runsMu.Lock()
 	delete(q.runs, r)
 	r.hasThread = false
 	if locked && err == nil {
+		// A sample that ran after the read above saw a little more: the
+		// thread's time spent waiting for runsMu.
+		used = max(used, r.cpuSampled)
 		q.cpu.finished += used
 		q.cpu.finishedSince.Add(int64(used - r.cpuSampled))
 		// In observe mode, count a task that went over its TaskCPU between
@@ -126,6 +133,9 @@ func (r *taskRun) unlockThread() {
 		q.cpu.pending.done(r.grant.cpuEpoch, 1)
 	}
 	q.runsMu.Unlock()
+	if locked {
+		r.thread.Release()
+	}
 	switch {
 	case err != nil:
 		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: reading the task's CPU time failed", "error", err)
@@ -179,7 +189,7 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) float64 {
 	}
 	q.cpu.pending.reset()
 	q.cpu.finishedSince.Store(0)
-	q.cpu.sampledAt.Store(now.UnixNano())
+	q.cpu.sampledAt.Store(int64(now.Sub(q.cpu.base)))
 	q.runsMu.Unlock()
 
 	if n := len(q.cpu.readings); n > 0 && now.After(q.cpu.readings[n-1].at) {

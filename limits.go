@@ -326,6 +326,11 @@ func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor
 		priorities = append(priorities, b.Priority)
 	}
 	m := newMonitor(limits.Process, sampler, *detected, o.sampleInterval, priorities, o.logger, pm)
+	// A first reading gives the memory that tasks admitted before the first
+	// tick add to, and that their reservations come off as it grows.
+	if s, err := sampler.Sample(); err == nil {
+		m.lastRSS.Store(s.RSS)
+	}
 	if limits.Process.SetGoMemoryLimit {
 		m.setGoMemoryLimit()
 	}

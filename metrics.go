@@ -15,8 +15,7 @@ const namespace = "asynqlimit"
 // so that queue names chosen by producers cannot create series. Validate
 // rejects a configured queue of this name. The unnamed queues share each
 // series: counters and histograms add up, as do the in-flight, abandoned,
-// memory-reserved and gate-closed gauges, while queue_cpu_cores holds the
-// value of the unnamed queue sampled last.
+// memory-reserved, CPU-use and gate-closed gauges.
 const otherLabel = "other"
 
 // Outcome is the end state of a task handled by the middleware. It is the value of

@@ -135,7 +135,9 @@ func (m *monitor) run() {
 				m.step(s, err, now)
 			}
 			if m.sampleCPU != nil {
-				m.sampleCPU(now)
+				// The tick's time is when it was due, and the process sample
+				// took time too, so the CPU readings get a time of their own.
+				m.sampleCPU(time.Now())
 			}
 		}
 	}

@@ -336,7 +336,8 @@ func (l *Limiter) report(r *taskRun, err error) error {
 	case outcome == OutcomeTimedOut:
 		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task timed out",
 			"elapsed", elapsed, "timeout", q.budget.Timeout, "error", err)
-	case l.limits.Mode == Observe && q.budget.Timeout > 0 && elapsed > q.budget.Timeout:
+	case l.limits.Mode == Observe && q.budget.Timeout > 0 && elapsed > q.budget.Timeout && !r.overCPU.Load():
+		// A run over its TaskCPU as well was counted once already.
 		q.metrics.timeouts.Inc()
 		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task ran past its queue's Timeout; observe mode let it run",
 			"elapsed", elapsed, "timeout", q.budget.Timeout)

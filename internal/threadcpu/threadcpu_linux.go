@@ -57,6 +57,16 @@ func (t Thread) Unlock() (time.Duration, error) {
 	return now - t.start, nil
 }
 
+// Release unlocks the goroutine with runtime.UnlockOSThread without reading
+// the clock. A caller that needs the final CPU time and must keep the thread
+// to itself until it has recorded it calls Used, records the result, and
+// then calls Release on the goroutine that called Lock.
+func (t Thread) Release() {
+	if t.TID != 0 {
+		runtime.UnlockOSThread()
+	}
+}
+
 // Used returns the CPU time that the thread has used since Lock. Any
 // goroutine may call it while the task runs, and between Lock and Unlock the
 // result never decreases. After Unlock the thread may run other goroutines,

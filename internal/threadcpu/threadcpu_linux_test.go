@@ -493,3 +493,49 @@ func BenchmarkBlockingWhileLocked(b *testing.B) {
 		})
 	}
 }
+
+func TestReleaseKeepsThread(t *testing.T) {
+	thread := lockAndRelease(t)
+
+	// A goroutine that returns while locked ends its thread, as
+	// TestUsedAfterThreadExits shows. After Release the thread goes back to
+	// the runtime and keeps running.
+	time.Sleep(100 * time.Millisecond)
+	if _, err := thread.Used(); err != nil {
+		t.Errorf("Used() on thread %d 100ms after its goroutine released it and returned: %v, want the thread alive", thread.TID, err)
+	}
+}
+
+// lockAndRelease starts a goroutine that calls Lock, then Release, and
+// returns, and returns that Thread. Like lockAndReturn, it skips the main
+// thread, which the runtime would keep even without Release.
+func lockAndRelease(t *testing.T) Thread {
+	t.Helper()
+	pid := unix.Getpid()
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
+	for range 2 {
+		threads := make(chan Thread, 1)
+		go func() {
+			thread, err := Lock()
+			if err != nil {
+				t.Errorf("Lock: %v", err)
+				threads <- Thread{}
+				return
+			}
+			if thread.TID == pid {
+				threads <- Thread{}
+				<-hold
+				thread.Release()
+				return
+			}
+			thread.Release()
+			threads <- thread
+		}()
+		if thread := <-threads; thread.TID != 0 {
+			return thread
+		}
+	}
+	t.Fatal("Lock returned the main thread twice")
+	return Thread{}
+}

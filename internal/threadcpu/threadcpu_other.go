@@ -27,6 +27,9 @@ func (t Thread) Unlock() (time.Duration, error) {
 	return 0, errUnsupported()
 }
 
+// Release does nothing, because Lock never succeeds on this system.
+func (t Thread) Release() {}
+
 // Used returns an error that wraps errors.ErrUnsupported, because Lock never
 // succeeds on this system.
 func (t Thread) Used() (time.Duration, error) {
