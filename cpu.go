@@ -219,7 +219,9 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) float64 {
 // stopOverCPU ends the context of a task over its queue's TaskCPU limit. The
 // caller holds q.runsMu.
 func (l *Limiter) stopOverCPU(r *taskRun, used time.Duration) {
-	if r.overCPU.Load() {
+	// A run whose context has ended, at its Timeout for example, was counted
+	// then; a handler that goes on running ignores its context anyway.
+	if r.overCPU.Load() || r.ctx.Err() != nil {
 		return
 	}
 	l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn, "asynqlimit: task used more CPU time than its queue's TaskCPU",

@@ -2,6 +2,7 @@ package asynqlimit
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -34,5 +35,28 @@ func TestObserveCountsOneTimeoutPerTask(t *testing.T) {
 				t.Errorf("timeouts_total after one task over its Timeout and its TaskCPU = %v, want 1", got)
 			}
 		})
+	}
+}
+
+func TestAbandonedTaskOverTaskCPUCountsOnce(t *testing.T) {
+	skipWithoutThreadCPU(t)
+	l, err := New(Limits{Default: Budget{Timeout: 50 * time.Millisecond, TaskCPU: 100 * time.Millisecond}},
+		WithRegisterer(prometheus.NewRegistry()), WithSampleInterval(20*time.Millisecond), WithAbandonGrace(10*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	finished := make(chan struct{})
+	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+		defer close(finished)
+		return spin(context.Background(), 400*time.Millisecond) // ignores its context
+	}))
+
+	if err := h.ProcessTask(context.Background(), asynq.NewTask("spin", nil)); !errors.Is(err, ErrTimedOut) {
+		t.Fatalf("ProcessTask() error = %v, want ErrTimedOut", err)
+	}
+	<-finished // the samples saw it over its TaskCPU meanwhile
+	if got := testutil.ToFloat64(l.queue("").metrics.timeouts); got != 1 {
+		t.Errorf("timeouts_total for one task past its Timeout and then its TaskCPU = %v, want 1", got)
 	}
 }
