@@ -58,6 +58,12 @@ func (q *queueState) usedCores() float64 {
 	return math.Float64frombits(q.cpu.cores.Load())
 }
 
+// perTaskCores returns the last sample's CPU use per running task, 1 core
+// until a sample has measured running tasks.
+func (q *queueState) perTaskCores() float64 {
+	return math.Float64frombits(q.cpu.perTask.Load())
+}
+
 // projectedCores returns the CPU use that admission compares with the
 // budget at now: the largest of the window's average, the last interval's
 // use and the use of the tasks finished since the last sample, plus the
@@ -66,7 +72,7 @@ func (q *queueState) usedCores() float64 {
 // compared rather than added.
 func (q *queueState) projectedCores(now time.Time) float64 {
 	recent := math.Float64frombits(q.cpu.recent.Load())
-	perTask := math.Float64frombits(q.cpu.perTask.Load())
+	perTask := q.perTaskCores()
 	finished := 0.0
 	if cpu := q.cpu.finishedSince.Load(); cpu > 0 {
 		// A task's CPU time since the sample is at most the time since the

@@ -293,7 +293,7 @@ func (l *Limiter) gateReason(q *queueState, transit int64) (Reason, bool) {
 	switch {
 	case l.monitor != nil && l.monitor.sheds(b.Priority, 0):
 		return ReasonPressure, true
-	case q.cpuAccounting && b.CPU > 0 && q.projectedCores(time.Now()) >= b.CPU:
+	case q.cpuAccounting && b.CPU > 0 && q.projectedCores(time.Now())+float64(transit)*q.perTaskCores() >= b.CPU:
 		return ReasonCPU, true
 	case q.slots != nil && q.slotsHeld.Load()+transit >= int64(b.Concurrency):
 		return ReasonConcurrency, true

@@ -327,6 +327,9 @@ func TestGateReasons(t *testing.T) {
 	if cpuQ.cpuAccounting {
 		cpuQ.cpu.cores.Store(math.Float64bits(0.5))
 		check("cpu", 0, "", false)
+		cpuQ.cpu.perTask.Store(math.Float64bits(0.25))
+		check("cpu", 1, "", false)       // 0.5 + 0.25 for the task in transit
+		check("cpu", 2, ReasonCPU, true) // 0.5 + 2 * 0.25 reaches the budget of 1
 		cpuQ.cpu.cores.Store(math.Float64bits(1))
 		check("cpu", 0, ReasonCPU, true)
 	}
