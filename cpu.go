@@ -124,7 +124,7 @@ func (r *taskRun) unlockThread() {
 	r.hasThread = false
 	if locked && err == nil {
 		// A sample that ran after the read above saw a little more: the
-		// thread's time spent waiting for runsMu.
+		// thread's few instructions on the way to runsMu.
 		used = max(used, r.cpuSampled)
 		q.cpu.finished += used
 		q.cpu.finishedSince.Add(int64(used - r.cpuSampled))
@@ -153,14 +153,14 @@ func (r *taskRun) unlockThread() {
 // sampleCPU updates the CPU use of every queue that accounts CPU and stops
 // the tasks over their TaskCPU limit. The unnamed queues share the gauge of
 // the "other" label, which shows their sum.
-func (l *Limiter) sampleCPU(now time.Time) {
+func (l *Limiter) sampleCPU() {
 	var other prometheus.Gauge
 	otherCores := 0.0
 	l.eachQueue(func(q *queueState) {
 		if !q.cpuAccounting {
 			return
 		}
-		cores := l.sampleQueueCPU(q, now)
+		cores := l.sampleQueueCPU(q)
 		if q.label == otherLabel {
 			other, otherCores = q.metrics.cpuCores, otherCores+cores
 			return
@@ -173,9 +173,12 @@ func (l *Limiter) sampleCPU(now time.Time) {
 }
 
 // sampleQueueCPU updates the CPU use of q and returns its average over the
-// window, in cores.
-func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) float64 {
+// window, in cores. The time of the sample is taken under the lock, next to
+// the readings: a time taken earlier, before a delay of the sampling
+// goroutine, would make the use over the interval look higher.
+func (l *Limiter) sampleQueueCPU(q *queueState) float64 {
 	q.runsMu.Lock()
+	now := time.Now()
 	total := q.cpu.finished
 	running := 0
 	for r := range q.runs {
@@ -225,14 +228,12 @@ func (l *Limiter) sampleQueueCPU(q *queueState, now time.Time) float64 {
 // stopOverCPU ends the context of a task over its queue's TaskCPU limit. The
 // caller holds q.runsMu.
 func (l *Limiter) stopOverCPU(r *taskRun, used time.Duration) {
-	// A run whose context has ended, at its Timeout for example, was counted
-	// then; a handler that goes on running ignores its context anyway.
-	if r.overCPU.Load() || r.ctx.Err() != nil {
+	if r.overCPU.Load() {
 		return
 	}
 	l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn, "asynqlimit: task used more CPU time than its queue's TaskCPU",
 		"cpu_time", used, "task_cpu", r.q.budget.TaskCPU, "mode", l.limits.Mode.String())
-	r.q.metrics.timeouts.Inc()
+	r.countTimeout()
 	if l.limits.Mode == Observe {
 		r.overCPU.Store(true) // counted once
 		return

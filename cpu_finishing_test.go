@@ -19,7 +19,7 @@ func TestCPUSampleOfFinishingTask(t *testing.T) {
 	skipWithoutThreadCPU(t)
 	l := newSampledCPULimiter(t, 8)
 	q := l.queue("")
-	l.sampleCPU(time.Now())
+	l.sampleCPU()
 
 	release := make(chan struct{})
 	running := make(chan struct{})
@@ -37,7 +37,7 @@ func TestCPUSampleOfFinishingTask(t *testing.T) {
 	q.runsMu.Lock()
 	sampled := make(chan struct{})
 	go func() {
-		l.sampleCPU(time.Now())
+		l.sampleCPU()
 		close(sampled)
 	}()
 	time.Sleep(50 * time.Millisecond) // the sample waits for the lock
@@ -69,7 +69,7 @@ func TestCPUSampleOfFinishingTask(t *testing.T) {
 			"after other goroutines ran on it, so cpuSampled exceeds the task's CPU time", finishedSince)
 	}
 
-	l.sampleCPU(time.Now())
+	l.sampleCPU()
 	if recent := math.Float64frombits(q.cpu.recent.Load()); recent < 0 {
 		t.Errorf("recent CPU use = %.3f cores after the task finished, want >= 0", recent)
 	}

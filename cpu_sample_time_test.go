@@ -66,7 +66,7 @@ func TestCPUSampleTimeAfterSlowSample(t *testing.T) {
 	}
 
 	used := time.Duration(q.cpu.finishedSince.Load())
-	sampledAt := time.Unix(0, q.cpu.sampledAt.Load())
+	sampledAt := q.cpu.base.Add(time.Duration(q.cpu.sampledAt.Load()))
 	actual := used.Seconds() / now.Sub(reset).Seconds()
 	projected := q.projectedCores(now)
 	if projected < 0.5 {

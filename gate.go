@@ -361,7 +361,8 @@ func (l *Limiter) gateNumbers(q *queueState, reason Reason) []any {
 	case ReasonConcurrency:
 		return []any{"slots_held", q.slotsHeld.Load(), "in_transit", q.gate.transit(), "limit", q.budget.Concurrency}
 	case ReasonCPU:
-		return []any{"cpu_cores", q.projectedCores(time.Now()), "cpu_budget_cores", q.budget.CPU}
+		return []any{"cpu_cores", q.projectedCores(time.Now()), "in_transit", q.gate.transit(),
+			"per_task_cores", q.perTaskCores(), "cpu_budget_cores", q.budget.CPU}
 	case ReasonMemory:
 		return []any{"reserved_bytes", q.reserved.Load(), "in_transit", q.gate.transit(),
 			"task_memory_bytes", q.budget.TaskMemory, "memory_budget_bytes", q.budget.Memory}

@@ -330,6 +330,9 @@ func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor
 	// tick add to, and that their reservations come off as it grows.
 	if s, err := sampler.Sample(); err == nil {
 		m.lastRSS.Store(s.RSS)
+	} else {
+		m.metrics.samplerErrors.Inc()
+		m.logSampleError(err, time.Now())
 	}
 	if limits.Process.SetGoMemoryLimit {
 		m.setGoMemoryLimit()

@@ -76,7 +76,7 @@ type monitor struct {
 	// memory pressure is hard.
 	preempt func() bool
 	// sampleCPU updates the queues' CPU use; called every interval.
-	sampleCPU func(now time.Time)
+	sampleCPU func()
 
 	// restoreMemoryLimit undoes SetGoMemoryLimit on close; nil when the
 	// limit was not changed.
@@ -135,9 +135,7 @@ func (m *monitor) run() {
 				m.step(s, err, now)
 			}
 			if m.sampleCPU != nil {
-				// The tick's time is when it was due, and the process sample
-				// took time too, so the CPU readings get a time of their own.
-				m.sampleCPU(time.Now())
+				m.sampleCPU()
 			}
 		}
 	}

@@ -53,8 +53,10 @@ type taskRun struct {
 	stop        chan struct{}
 	preempted   atomic.Bool
 	preemptible bool
-	// overCPU records that the task used more than its TaskCPU.
-	overCPU atomic.Bool
+	// overCPU records that the task used more than its TaskCPU, and
+	// timeoutCounted that timeouts_total counted the run.
+	overCPU        atomic.Bool
+	timeoutCounted atomic.Bool
 	// thread is the OS thread the handler is locked to while hasThread;
 	// both are guarded by the queue's runsMu.
 	thread    threadcpu.Thread
@@ -174,11 +176,20 @@ func (l *Limiter) await(r *taskRun, parent context.Context) (finished bool) {
 //go:noinline
 func (l *Limiter) interrupt(r *taskRun, cause error) (finished bool) {
 	if cause == errBudgetTimeout {
-		r.q.metrics.timeouts.Inc()
+		r.countTimeout()
 		cause = context.DeadlineExceeded
 	}
 	r.ctx.cancel(cause)
 	return r.awaitGrace(l.abandonGrace)
+}
+
+// countTimeout counts the run in timeouts_total, once: a run can reach its
+// Timeout and its TaskCPU both, and the two are seen by different
+// goroutines.
+func (r *taskRun) countTimeout() {
+	if r.timeoutCounted.CompareAndSwap(false, true) {
+		r.q.metrics.timeouts.Inc()
+	}
 }
 
 // errBudgetTimeout is the cause that await passes to interrupt when the
@@ -211,6 +222,7 @@ func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g gra
 	}
 	r.preempted.Store(false)
 	r.overCPU.Store(false)
+	r.timeoutCounted.Store(false)
 	r.chosen = false
 	r.q, r.task, r.next, r.grant, r.start = q, t, next, g, start
 	r.state.Store(runRunning)
@@ -336,9 +348,8 @@ func (l *Limiter) report(r *taskRun, err error) error {
 	case outcome == OutcomeTimedOut:
 		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task timed out",
 			"elapsed", elapsed, "timeout", q.budget.Timeout, "error", err)
-	case l.limits.Mode == Observe && q.budget.Timeout > 0 && elapsed > q.budget.Timeout && !r.overCPU.Load():
-		// A run over its TaskCPU as well was counted once already.
-		q.metrics.timeouts.Inc()
+	case l.limits.Mode == Observe && q.budget.Timeout > 0 && elapsed > q.budget.Timeout:
+		r.countTimeout()
 		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task ran past its queue's Timeout; observe mode let it run",
 			"elapsed", elapsed, "timeout", q.budget.Timeout)
 	}
