@@ -42,9 +42,10 @@ type queueCPU struct {
 	// admitted since the last sample. finishedSince is the CPU time, in
 	// nanoseconds, that the tasks finished since then used after it, written
 	// under runsMu, and sampledAt is the time of that sample in nanoseconds
-	// since base, the monotonic time the queue's state was made. Admission projects the queue's use from them, so the tasks
-	// admitted between two samples cannot take the queue far over its budget
-	// before the next sample measures them.
+	// since base, the monotonic time the queue's state was made. Admission
+	// projects the queue's use from them, so the tasks admitted between two
+	// samples cannot take the queue far over its budget before the next
+	// sample measures them.
 	recent        atomic.Uint64
 	perTask       atomic.Uint64
 	pending       ramp

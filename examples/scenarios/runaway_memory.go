@@ -141,8 +141,9 @@ func runawayWorker(run *workerRun) (workerServer, asynq.Handler, error) {
 		limits := asynqlimit.Limits{
 			Queues: map[string]asynqlimit.Budget{
 				runawayCriticalQueue: {Priority: 1},
-				// TaskMemory lets admission count the memory of the tasks
-				// admitted since the last sample, and orders preemption.
+				// TaskMemory lets admission count the memory of running
+				// tasks that the samples do not show yet, and orders
+				// preemption.
 				runawayLowQueue: {Priority: 0, TaskMemory: runawayTaskBytes},
 			},
 			Process: asynqlimit.ProcessLimits{MemorySoft: runawaySoft, MemoryHard: runawayHard, Grace: runawayGrace},
