@@ -243,11 +243,10 @@ type grant struct {
 	// order of preemption and the pending memory of the process.
 	reservation int64
 	// unseen is the task's entry in the process's unseen reservations, nil
-	// without one. cpuEpoch is the epoch in which the queue's CPU ramp
-	// counted the task, when cpuPending is true.
-	unseen     *unseenEntry
-	cpuEpoch   uint64
-	cpuPending bool
+	// without one. cpuEpoch is the epoch in which the CPU ramp of a queue
+	// with a CPU budget counted the task.
+	unseen   *unseenEntry
+	cpuEpoch uint64
 }
 
 // release returns what g holds.

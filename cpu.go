@@ -136,7 +136,7 @@ func (r *taskRun) unlockThread() {
 			r.l.stopOverCPU(r, used)
 		}
 	}
-	if r.grant.cpuPending {
+	if q.budget.CPU > 0 { // admit counted the task in the ramp
 		q.cpu.pending.done(r.grant.cpuEpoch, 1)
 	}
 	q.runsMu.Unlock()

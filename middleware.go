@@ -135,7 +135,7 @@ func (l *Limiter) admit(ctx context.Context, q *queueState, t *asynq.Task) (gran
 		g.unseen = l.monitor.pending.add(g.reservation)
 	}
 	if q.cpuAccounting && q.budget.CPU > 0 {
-		g.cpuEpoch, g.cpuPending = q.cpu.pending.add(1), true
+		g.cpuEpoch = q.cpu.pending.add(1)
 	}
 	return g, nil
 }

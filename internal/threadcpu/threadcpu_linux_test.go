@@ -335,14 +335,21 @@ func TestUsedAfterThreadExits(t *testing.T) {
 
 // lockAndReturn starts a goroutine that calls Lock and returns without
 // Unlock, which makes the runtime end the thread, and returns that Thread.
-// The runtime parks the main thread instead of ending it, so a goroutine
-// that gets the main thread keeps it locked until the test ends, and
-// lockAndReturn starts another goroutine.
 func lockAndReturn(t *testing.T) Thread {
 	t.Helper()
+	return lockOffMainThread(t, false)
+}
+
+// lockOffMainThread starts a goroutine that calls Lock, then Release when
+// release is true, and returns, and it returns that Thread. The runtime
+// parks the main thread instead of ending it, so a goroutine that gets the
+// main thread keeps it locked until the test ends, and lockOffMainThread
+// starts another goroutine.
+func lockOffMainThread(t *testing.T, release bool) Thread {
+	t.Helper()
 	pid := unix.Getpid()
-	release := make(chan struct{})
-	t.Cleanup(func() { close(release) })
+	hold := make(chan struct{})
+	t.Cleanup(func() { close(hold) })
 	for range 2 {
 		threads := make(chan Thread, 1)
 		errs := make(chan error, 1)
@@ -354,9 +361,12 @@ func lockAndReturn(t *testing.T) Thread {
 			}
 			if thread.TID == pid {
 				threads <- Thread{}
-				<-release
+				<-hold
 				thread.Unlock()
 				return
+			}
+			if release {
+				thread.Release()
 			}
 			threads <- thread
 		}()
@@ -495,7 +505,7 @@ func BenchmarkBlockingWhileLocked(b *testing.B) {
 }
 
 func TestReleaseKeepsThread(t *testing.T) {
-	thread := lockAndRelease(t)
+	thread := lockOffMainThread(t, true)
 
 	// A goroutine that returns while locked ends its thread, as
 	// TestUsedAfterThreadExits shows. After Release the thread goes back to
@@ -504,38 +514,4 @@ func TestReleaseKeepsThread(t *testing.T) {
 	if _, err := thread.Used(); err != nil {
 		t.Errorf("Used() on thread %d 100ms after its goroutine released it and returned: %v, want the thread alive", thread.TID, err)
 	}
-}
-
-// lockAndRelease starts a goroutine that calls Lock, then Release, and
-// returns, and returns that Thread. Like lockAndReturn, it skips the main
-// thread, which the runtime would keep even without Release.
-func lockAndRelease(t *testing.T) Thread {
-	t.Helper()
-	pid := unix.Getpid()
-	hold := make(chan struct{})
-	t.Cleanup(func() { close(hold) })
-	for range 2 {
-		threads := make(chan Thread, 1)
-		go func() {
-			thread, err := Lock()
-			if err != nil {
-				t.Errorf("Lock: %v", err)
-				threads <- Thread{}
-				return
-			}
-			if thread.TID == pid {
-				threads <- Thread{}
-				<-hold
-				thread.Release()
-				return
-			}
-			thread.Release()
-			threads <- thread
-		}()
-		if thread := <-threads; thread.TID != 0 {
-			return thread
-		}
-	}
-	t.Fatal("Lock returned the main thread twice")
-	return Thread{}
 }
