@@ -331,8 +331,7 @@ func startProcessMonitor(limits Limits, o options, pm *processMetrics) (*monitor
 	if s, err := sampler.Sample(); err == nil {
 		m.lastRSS.Store(s.RSS)
 	} else {
-		m.metrics.samplerErrors.Inc()
-		m.logSampleError(err, time.Now())
+		m.sampleFailed(err, time.Now())
 	}
 	if limits.Process.SetGoMemoryLimit {
 		m.setGoMemoryLimit()

@@ -75,9 +75,9 @@ func (l *Limiter) enter(ctx context.Context, t *asynq.Task, next asynq.Handler) 
 }
 
 // decide checks the task's payload and admits it. The gate counts the task
-// in transit until admission has decided on it, so that the task is counted
-// there or in the slots held throughout, and the deferred call ends the
-// transit also when a memory estimator panics.
+// in transit until then, so that the task is counted there or in the slots
+// held throughout. The transit ends in a deferred call, so that it also ends
+// when a memory estimator panics.
 func (l *Limiter) decide(ctx context.Context, q *queueState, t *asynq.Task) (grant, error) {
 	defer q.gate.endTransit()
 	if err := l.checkPayload(ctx, q, t); err != nil {

@@ -50,8 +50,8 @@ type monitor struct {
 	ladder      *shedLadder
 	prev        ResourceSample
 	hasPrev     bool
-	// lastErrorLog and failedSamples rate-limit the log of failed samples;
-	// only the sampling goroutine uses them.
+	// lastErrorLog and failedSamples rate-limit the log of failed samples.
+	// Only the sampling goroutine uses them.
 	lastErrorLog  time.Time
 	failedSamples int
 
@@ -191,8 +191,7 @@ func goMemoryUsed() uint64 {
 // failed sample is logged and counted and leaves every decision as it was.
 func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 	if err != nil {
-		m.metrics.samplerErrors.Inc()
-		m.logSampleError(err, now)
+		m.sampleFailed(err, now)
 		return
 	}
 
@@ -224,9 +223,10 @@ func (m *monitor) step(s ResourceSample, err error, now time.Time) {
 // samples. The sampler_errors_total counter counts every failure.
 const sampleErrorLogEvery = time.Minute
 
-// logSampleError logs a failed sample, at most once per
+// sampleFailed counts a failed sample and logs it, at most once per
 // sampleErrorLogEvery, with the number of failures since the last line.
-func (m *monitor) logSampleError(err error, now time.Time) {
+func (m *monitor) sampleFailed(err error, now time.Time) {
+	m.metrics.samplerErrors.Inc()
 	m.failedSamples++
 	if !m.lastErrorLog.IsZero() && now.Sub(m.lastErrorLog) < sampleErrorLogEvery {
 		return

@@ -11,7 +11,7 @@ import (
 
 // The highest priority is never shed or preempted, so with one Priority on
 // every served queue process pressure cannot act, and New or ServerConfig
-// must say so.
+// logs a warning.
 func TestOnePriorityWarns(t *testing.T) {
 	cases := []struct {
 		name     string

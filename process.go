@@ -75,7 +75,7 @@ func (p ProcessLimits) validate(path string) []FieldError {
 	pairs := []struct {
 		name     string
 		absolute float64
-		shown    any // the absolute value as the user wrote it
+		written  any // the absolute value as the user wrote it, for messages
 		fraction float64
 	}{
 		{"MemorySoft", float64(p.MemorySoft), p.MemorySoft, p.MemorySoftFraction},
@@ -85,13 +85,13 @@ func (p ProcessLimits) validate(path string) []FieldError {
 	}
 	for _, pair := range pairs {
 		if !(pair.absolute >= 0) || math.IsInf(pair.absolute, 1) { // also rejects NaN
-			add(pair.name, "must be a finite number >= 0, got %v (0 means the fraction, or no threshold)", pair.shown)
+			add(pair.name, "must be a finite number >= 0, got %v (0 means the fraction, or no threshold)", pair.written)
 		}
 		if !(pair.fraction >= 0 && pair.fraction <= 1) {
 			add(pair.name+"Fraction", "must be in [0, 1], got %v (0.8 means 80%% of the detected limit)", pair.fraction)
 		}
 		if pair.absolute != 0 && pair.fraction != 0 {
-			add(pair.name+"Fraction", "must be 0 when %s is set (got %v and %v); set one of the two", pair.name, pair.shown, pair.fraction)
+			add(pair.name+"Fraction", "must be 0 when %s is set (got %v and %v); set one of the two", pair.name, pair.written, pair.fraction)
 		}
 	}
 	if p.MemorySoft > 0 && p.MemoryHard > 0 && p.MemorySoft > p.MemoryHard {
@@ -132,10 +132,10 @@ func (p ProcessLimits) checkResolved(detected resource.Limits) (fields []FieldEr
 			"must resolve to at most the hard threshold, got %v cores against %v cores of a detected limit of %v cores (%s); lower CPUSoft or CPUSoftFraction, or raise the hard threshold",
 			cpu.soft, cpu.hard, detected.CPUCores, detected.CPUSource)})
 	}
-	over := func(name string, value, limit float64, shown func(float64) string) {
+	over := func(name string, value, limit float64, format func(float64) string) {
 		if limit > 0 && value > limit {
 			warnings = append(warnings, fmt.Sprintf("Process.%s is %s, above the detected limit of %s, so pressure reaches it only if the limit was detected too low",
-				name, shown(value), shown(limit)))
+				name, format(value), format(limit)))
 		}
 	}
 	bytes := func(v float64) string { return fmt.Sprintf("%d bytes", int64(v)) }

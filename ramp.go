@@ -52,7 +52,7 @@ func (r *ramp) total() int64 {
 // allocates its memory over several sample intervals counts until it has.
 // A sample cannot tell which task allocated the growth, so it is taken off
 // the oldest reservations first, the tasks most likely to have allocated by
-// then; the sum is an estimate.
+// then. The sum is therefore an estimate.
 type unseen struct {
 	mu sync.Mutex
 	// entries are the reservations with some part unseen, oldest first.
