@@ -128,13 +128,16 @@ func BenchmarkGoroutineHandoff(b *testing.B) {
 	}
 }
 
-// BenchmarkMiddlewareCPUAccounting is BenchmarkMiddleware with a CPU budget
-// and a TaskCPU limit, so each task locks its handler's goroutine to a
-// thread and reads the thread's CPU clock at start and end.
+// BenchmarkMiddlewareCPUAccounting is BenchmarkMiddleware with a CPU
+// budget, so each task locks its handler's goroutine to a thread and reads
+// the thread's CPU clock at start and end. Without a Timeout or a TaskCPU
+// limit, the handler runs in the middleware's goroutine; "timeout" adds both,
+// and with them a goroutine per handler.
 func BenchmarkMiddlewareCPUAccounting(b *testing.B) {
-	budget := benchBudget
-	budget.CPU, budget.TaskCPU = 64, time.Hour
-	benchNoopTasks(b, benchLimiter(b, budget))
+	budget := Budget{Concurrency: benchBudget.Concurrency, MaxPayload: benchBudget.MaxPayload, CPU: 64}
+	b.Run("cpu", func(b *testing.B) { benchNoopTasks(b, benchLimiter(b, budget)) })
+	budget.Timeout, budget.TaskCPU = benchBudget.Timeout, time.Hour
+	b.Run("timeout", func(b *testing.B) { benchNoopTasks(b, benchLimiter(b, budget)) })
 }
 
 // benchSink keeps the compiler from discarding the work of benchmark

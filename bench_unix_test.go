@@ -4,6 +4,7 @@ package asynqlimit
 
 import (
 	"context"
+	"fmt"
 	"hash/fnv"
 	"syscall"
 	"testing"
@@ -15,7 +16,10 @@ import (
 // BenchmarkMiddlewareOverhead runs a handler that hashes a 2 KiB payload,
 // a few microseconds of work, called directly, through the middleware, and
 // through the middleware with CPU accounting. The overhead of the
-// middleware is the difference from "direct".
+// middleware is the difference from "direct". "cpu-accounting" has a CPU
+// budget alone, so the handler runs in the middleware's goroutine;
+// "cpu-accounting-timeout" adds a Timeout and a TaskCPU limit, so the
+// handler runs in a goroutine of its own.
 //
 // In "same" the benchmark's goroutine calls the handler, as the other
 // middleware benchmarks do. In "fresh" each task gets a new goroutine and
@@ -31,11 +35,11 @@ func BenchmarkMiddlewareOverhead(b *testing.B) {
 		benchSink.Store(h.Sum64())
 		return nil
 	})
-	task := asynq.NewTask("work", make([]byte, 2048))
 	budget := benchBudget
-	budget.MaxPayload = 4096
-	cpuBudget := budget
-	cpuBudget.CPU, cpuBudget.TaskCPU = 64, time.Hour
+	budget.MaxPayload = 1 << 20
+	cpuBudget := Budget{Concurrency: budget.Concurrency, MaxPayload: budget.MaxPayload, CPU: 64}
+	cpuTimeoutBudget := budget
+	cpuTimeoutBudget.CPU, cpuTimeoutBudget.TaskCPU = 64, time.Hour
 	handlers := []struct {
 		name    string
 		handler asynq.Handler
@@ -43,6 +47,7 @@ func BenchmarkMiddlewareOverhead(b *testing.B) {
 		{"direct", work},
 		{"middleware", benchLimiter(b, budget).Middleware()(work)},
 		{"cpu-accounting", benchLimiter(b, cpuBudget).Middleware()(work)},
+		{"cpu-accounting-timeout", benchLimiter(b, cpuTimeoutBudget).Middleware()(work)},
 	}
 	for _, caller := range []struct {
 		name string
@@ -51,17 +56,20 @@ func BenchmarkMiddlewareOverhead(b *testing.B) {
 		{"same", func(h asynq.Handler, t *asynq.Task) error { return h.ProcessTask(context.Background(), t) }},
 		{"fresh", runInFreshGoroutine},
 	} {
-		for _, tc := range handlers {
-			b.Run(caller.name+"/"+tc.name, func(b *testing.B) {
-				b.ReportAllocs()
-				before := processCPU(b)
-				for b.Loop() {
-					if err := caller.run(tc.handler, task); err != nil {
-						b.Fatal(err)
+		for _, size := range []int{2 << 10, 4 << 10} {
+			task := asynq.NewTask("work", make([]byte, size))
+			for _, tc := range handlers {
+				b.Run(fmt.Sprintf("%s/%dKiB/%s", caller.name, size>>10, tc.name), func(b *testing.B) {
+					b.ReportAllocs()
+					before := processCPU(b)
+					for b.Loop() {
+						if err := caller.run(tc.handler, task); err != nil {
+							b.Fatal(err)
+						}
 					}
-				}
-				b.ReportMetric(float64((processCPU(b)-before).Nanoseconds())/float64(b.N), "cpu-ns/op")
-			})
+					b.ReportMetric(float64((processCPU(b)-before).Nanoseconds())/float64(b.N), "cpu-ns/op")
+				})
+			}
 		}
 	}
 }

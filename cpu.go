@@ -99,8 +99,17 @@ func (r *taskRun) lockThread() {
 	r.thread, r.hasThread, r.cpuSampled = th, err == nil, 0
 	q.runsMu.Unlock()
 	if err != nil {
-		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: measuring the task's CPU time failed", "error", err)
+		r.warnCPU("asynqlimit: measuring the task's CPU time failed", err)
 	}
+}
+
+// warnCPU logs a failed read of a task's CPU time. It has a frame of its
+// own, so that lockThread and unlockThread keep small frames on the stack of
+// the task's goroutine, which starts small.
+//
+//go:noinline
+func (r *taskRun) warnCPU(msg string, err error) {
+	r.l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn, msg, "error", err)
 }
 
 // unlockThread undoes lockThread on the same goroutine, untracks the run and
@@ -145,7 +154,7 @@ func (r *taskRun) unlockThread() {
 	}
 	switch {
 	case err != nil:
-		r.l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: reading the task's CPU time failed", "error", err)
+		r.warnCPU("asynqlimit: reading the task's CPU time failed", err)
 	case locked:
 		q.metrics.taskCPU.Observe(used.Seconds())
 	}
@@ -183,6 +192,9 @@ func (l *Limiter) sampleQueueCPU(q *queueState) float64 {
 	total := q.cpu.finished
 	running := 0
 	for r := range q.runs {
+		if r.inline {
+			l.noticeAbandoned(r, now)
+		}
 		if !r.hasThread {
 			continue
 		}
@@ -224,6 +236,31 @@ func (l *Limiter) sampleQueueCPU(q *queueState) float64 {
 	}
 	q.cpu.cores.Store(math.Float64bits(cores))
 	return cores
+}
+
+// noticeAbandoned marks an inline run as abandoned when its handler still
+// runs a grace period after a sample found its context ended. The gauge and
+// the log then match those of a handler in a goroutine of its own, up to two
+// sample intervals later. The caller holds q.runsMu.
+func (l *Limiter) noticeAbandoned(r *taskRun, now time.Time) {
+	if r.ctx.Err() == nil || r.state.Load() != runRunning {
+		return
+	}
+	if r.endedSeen.IsZero() {
+		r.endedSeen = now
+	}
+	if now.Sub(r.endedSeen) < l.abandonGrace {
+		return
+	}
+	// Counted before the swap, as in awaitGrace.
+	r.q.metrics.abandoned.Inc()
+	if !r.state.CompareAndSwap(runRunning, runAbandoned) {
+		r.q.metrics.abandoned.Dec()
+		return
+	}
+	l.logAbandoned(r)
+	ctxErr := r.ctx.Err()
+	r.q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
 }
 
 // stopOverCPU ends the context of a task over its queue's TaskCPU limit. The

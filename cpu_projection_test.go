@@ -140,7 +140,7 @@ func TestOtherCPUGaugeSumsQueues(t *testing.T) {
 			// state directly, as enter does after admission.
 			ctx := context.Background()
 			r := l.start(ctx, l.queue(name), asynq.NewTask("spin", nil), h, grant{})
-			_ = l.end(r, l.await(r, ctx))
+			_ = finishRun(l, r, ctx)
 		}()
 	}
 	time.Sleep(500 * time.Millisecond)

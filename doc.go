@@ -113,6 +113,16 @@
 // its handler is locked to while it runs, so CPU used by goroutines the
 // handler starts is not counted. WithoutCPUAccounting turns this off.
 //
+// The middleware calls most handlers in a goroutine of their own, so that it
+// can return at the queue's Timeout, at TaskCPU or at preemption even when
+// the handler ignores its context. A queue that accounts CPU, has no Timeout
+// or TaskCPU, and whose tasks cannot be preempted (it has the highest
+// priority, or there is no hard memory threshold) runs its handlers in
+// asynq's goroutine instead, which saves two thread wake-ups per task. There a handler that calls runtime.Goexit fails
+// at asynq's deadline, as without the middleware, rather than at once, and a
+// handler that outlives its context counts as abandoned at a CPU sample
+// after the grace period (WithAbandonGrace).
+//
 // # Observe mode
 //
 // With Mode: Observe every decision is made, counted and logged, but every

@@ -40,6 +40,9 @@ func (l *Limiter) handle(ctx context.Context, t *asynq.Task, next asynq.Handler)
 	if err != nil {
 		return err
 	}
+	if r.inline {
+		return l.runInline(r)
+	}
 	return l.end(r, l.await(r, ctx))
 }
 

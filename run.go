@@ -67,6 +67,11 @@ type taskRun struct {
 	// chosen is true once preemption picked the run, in either mode, so that
 	// observe mode counts each run once.
 	chosen bool
+	// inline is true when the handler runs in the middleware's goroutine.
+	// endedSeen is when a CPU sample first saw the context of such a run
+	// ended, guarded by the queue's runsMu.
+	inline    bool
+	endedSeen time.Time
 }
 
 type runResult struct {
@@ -100,11 +105,43 @@ func (l *Limiter) start(ctx context.Context, q *queueState, t *asynq.Task, next 
 			q.track(r)
 		}
 	}
-	// NOTE: a queue without Timeout, TaskCPU or preemption could call the
-	// handler here and leave its deadline to asynq, saving the handoff,
-	// which costs most with CPU accounting and an idle processor.
-	go r.execute()
+	r.inline = l.runsInline(q, r, ok)
+	r.ctx.inherited = r.inline
+	if !r.inline {
+		go r.execute()
+	}
 	return r
+}
+
+// runsInline reports whether the handler of r can run in the middleware's
+// goroutine rather than in one of its own. The budget's deadline, TaskCPU
+// and preemption need a goroutine of its own, because only then can the
+// middleware return before a handler that ignores its context. Without them,
+// asynq's deadline ends the task either way. Handing the task to another
+// goroutine and back wakes an idle processor twice, which costs more than
+// the CPU accounting itself. Only queues that account CPU run inline,
+// because the CPU samples, which read every running task, are what notice a
+// handler that outlives its context there.
+func (l *Limiter) runsInline(q *queueState, r *taskRun, deadline bool) bool {
+	if !q.cpuAccounting || deadline {
+		return false
+	}
+	if l.limits.Mode == Observe { // observe mode ends no task's context
+		return true
+	}
+	return q.budget.TaskCPU == 0 && !(r.preemptible && q.budget.Priority < l.highestPriority)
+}
+
+// runInline calls the handler of r in the middleware's goroutine and
+// reports its result. A handler that calls runtime.Goexit ends this
+// goroutine too, after execute released its budget, and asynq fails the
+// task at its deadline, as it would without the middleware.
+func (l *Limiter) runInline(r *taskRun) error {
+	r.execute()
+	if r.state.Load() == runAbandoned {
+		return abandonError(r)
+	}
+	return l.end(r, true)
 }
 
 // end reports the result of a run that await returned.
@@ -223,7 +260,7 @@ func (l *Limiter) newRun(q *queueState, t *asynq.Task, next asynq.Handler, g gra
 	r.preempted.Store(false)
 	r.overCPU.Store(false)
 	r.timeoutCounted.Store(false)
-	r.chosen = false
+	r.chosen, r.endedSeen = false, time.Time{}
 	r.q, r.task, r.next, r.grant, r.start = q, t, next, g, start
 	r.state.Store(runRunning)
 	return r
@@ -255,16 +292,29 @@ func (r *taskRun) execute() {
 		}
 		r.l.running.Add(-1)
 		if res.err == errGoexit {
-			r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, "asynqlimit: handler called runtime.Goexit; the task fails")
+			r.logGoexit()
 		}
+		r.result = res
 		if r.state.CompareAndSwap(runRunning, runFinished) {
-			r.result = res
-			r.done <- struct{}{}
+			if !r.inline {
+				r.done <- struct{}{}
+			}
 			return
 		}
 		r.l.abandonedReturned(r, res, elapsed)
 	}()
 	res = r.call()
+}
+
+// logGoexit logs a handler that called runtime.Goexit.
+//
+//go:noinline
+func (r *taskRun) logGoexit() {
+	msg := "asynqlimit: handler called runtime.Goexit; the task fails"
+	if r.inline {
+		msg = "asynqlimit: handler called runtime.Goexit; asynq fails the task at its deadline"
+	}
+	r.l.logEvent(r.ctx, r.q, r.task, slog.LevelError, msg)
 }
 
 // errGoexit is the result of a handler that called runtime.Goexit.
@@ -372,16 +422,26 @@ func outcomeOf(err, ctxErr error) Outcome {
 // and returns the error that lets asynq move on. The handler keeps its
 // budget until it returns.
 func (l *Limiter) abandon(r *taskRun) error {
-	q, ctxErr := r.q, r.ctx.Err()
-	elapsed := time.Since(r.start)
-	l.logEvent(r.ctx, q, r.task, slog.LevelWarn,
-		"asynqlimit: handler ignores its context and is still running; its budget stays held until it returns",
-		"elapsed", elapsed, "timeout", q.budget.Timeout, "error", ctxErr)
-
+	l.logAbandoned(r)
 	if r.preempted.Load() {
 		return l.preemptDeferral(r)
 	}
-	q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
+	ctxErr := r.ctx.Err()
+	r.q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
+	return abandonError(r)
+}
+
+// logAbandoned logs a handler that is still running after its context
+// ended.
+func (l *Limiter) logAbandoned(r *taskRun) {
+	l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn,
+		"asynqlimit: handler ignores its context and is still running; its budget stays held until it returns",
+		"elapsed", time.Since(r.start), "timeout", r.q.budget.Timeout, "error", r.ctx.Err())
+}
+
+// abandonError returns the error of a task whose handler was abandoned.
+func abandonError(r *taskRun) error {
+	q, ctxErr, elapsed := r.q, r.ctx.Err(), time.Since(r.start)
 	if r.overCPU.Load() {
 		return overCPUError(q)
 	}

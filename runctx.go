@@ -22,11 +22,17 @@ var closedChan = func() chan struct{} {
 //
 // It implements the AfterFunc method that the context package looks for, so
 // contexts the handler derives from it need no goroutine of their own.
+//
+// An inherited runCtx is its parent and the Limiter's value, nothing more:
+// it ends when the parent ends, and cancel does nothing. It serves handlers
+// that run in the middleware's own goroutine, where nothing but the parent
+// can end the context while the handler runs.
 type runCtx struct {
 	context.Context
 	limiter     *Limiter
 	deadline    time.Time
 	hasDeadline bool
+	inherited   bool
 
 	mu    sync.Mutex
 	done  chan struct{}
@@ -62,8 +68,12 @@ func (c *runCtx) Deadline() (time.Time, bool) {
 	return c.Context.Deadline()
 }
 
-// Done returns a channel that is closed when cancel ends the context.
+// Done returns a channel that is closed when cancel ends the context, or the
+// parent's channel when the context is inherited.
 func (c *runCtx) Done() <-chan struct{} {
+	if c.inherited {
+		return c.Context.Done()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.done == nil {
@@ -76,8 +86,11 @@ func (c *runCtx) Done() <-chan struct{} {
 }
 
 // Err returns nil until cancel ends the context, then the error it ended
-// with.
+// with. An inherited context returns the parent's error.
 func (c *runCtx) Err() error {
+	if c.inherited {
+		return c.Context.Err()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err
@@ -86,6 +99,9 @@ func (c *runCtx) Err() error {
 // AfterFunc arranges for f to run in its own goroutine once the context
 // ends. Calling stop before that keeps f from running.
 func (c *runCtx) AfterFunc(f func()) (stop func() bool) {
+	if c.inherited {
+		return context.AfterFunc(c.Context, f)
+	}
 	a := &afterFunc{f: f}
 	c.mu.Lock()
 	if c.err != nil {
@@ -108,8 +124,12 @@ func (c *runCtx) AfterFunc(f func()) (stop func() bool) {
 	}
 }
 
-// cancel ends the context with err; later calls do nothing.
+// cancel ends the context with err; later calls do nothing, and so does a
+// call on an inherited context.
 func (c *runCtx) cancel(err error) {
+	if c.inherited {
+		return
+	}
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()

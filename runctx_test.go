@@ -94,3 +94,33 @@ func TestRunCtxAfterFuncWhenEnded(t *testing.T) {
 		t.Error("stop() = true for a function that already ran, want false")
 	}
 }
+
+// TestRunCtxInherited checks that an inherited context ends with its
+// parent, through Done, Err and the contexts derived from it, and that
+// cancel leaves it alone.
+func TestRunCtxInherited(t *testing.T) {
+	parent, cancelParent := context.WithCancel(context.Background())
+	l := &Limiter{}
+	c := newRunCtx(parent, l, time.Time{}, false)
+	c.inherited = true
+	if got := c.Value(activeLimiterKey{}); got != l {
+		t.Errorf("Value(activeLimiterKey{}) = %v, want the Limiter", got)
+	}
+
+	c.cancel(context.Canceled)
+	if err := c.Err(); err != nil {
+		t.Fatalf("Err() after cancel = %v, want nil: cancel must not end an inherited context", err)
+	}
+	child, stopChild := context.WithCancel(c)
+	defer stopChild()
+	fired := make(chan struct{})
+	context.AfterFunc(c, func() { close(fired) })
+
+	cancelParent()
+	<-c.Done()
+	<-child.Done()
+	<-fired
+	if err := c.Err(); !errors.Is(err, context.Canceled) {
+		t.Errorf("Err() after the parent ended = %v, want context.Canceled", err)
+	}
+}
