@@ -97,8 +97,9 @@ type Budget struct {
 	// runtime.LockOSThread leaves the thread while it is measured, and the
 	// CPU time of the goroutines that run on the thread afterwards counts as
 	// the task's, for CPU and TaskCPU. WithoutCPUAccounting turns the
-	// measurement off. Without Timeout and TaskCPU, the handler runs in
-	// asynq's goroutine; the package documentation says what changes. If
+	// measurement off. Without TaskCPU, and without a Timeout shorter than
+	// asynq's, the handler may run in asynq's goroutine; the package
+	// documentation says when and what changes. If
 	// zero, the queue has no CPU budget.
 	CPU float64
 	// TaskCPU is the CPU time one task may use, measured as for CPU. A task

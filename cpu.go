@@ -263,6 +263,39 @@ func (l *Limiter) noticeAbandoned(r *taskRun, now time.Time) {
 	r.q.metrics.outcomes[outcomeOf(ctxErr, ctxErr)].Inc()
 }
 
+// noticeAbandonedAtClose goes on counting the inline runs that outlive their
+// context after Close stops the CPU samples. Server.Shutdown calls Close
+// right after asynq has ended the context of every task still running, so
+// it checks those runs now and once more after the grace period.
+func (l *Limiter) noticeAbandonedAtClose() {
+	if l.sweepAbandoned() {
+		time.AfterFunc(l.abandonGrace, func() { l.sweepAbandoned() })
+	}
+}
+
+// sweepAbandoned checks every inline run for abandonment. It reports
+// whether a run with an ended context still runs and is not yet counted.
+func (l *Limiter) sweepAbandoned() (waiting bool) {
+	now := time.Now()
+	l.eachQueue(func(q *queueState) {
+		if !q.cpuAccounting {
+			return
+		}
+		q.runsMu.Lock()
+		defer q.runsMu.Unlock()
+		for r := range q.runs {
+			if !r.inline {
+				continue
+			}
+			l.noticeAbandoned(r, now)
+			if r.state.Load() == runRunning && !r.endedSeen.IsZero() {
+				waiting = true
+			}
+		}
+	})
+	return waiting
+}
+
 // stopOverCPU ends the context of a task over its queue's TaskCPU limit. The
 // caller holds q.runsMu.
 func (l *Limiter) stopOverCPU(r *taskRun, used time.Duration) {

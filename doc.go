@@ -115,13 +115,14 @@
 //
 // The middleware calls most handlers in a goroutine of their own, so that it
 // can return at the queue's Timeout, at TaskCPU or at preemption even when
-// the handler ignores its context. A queue that accounts CPU, has no Timeout
-// or TaskCPU, and whose tasks cannot be preempted (it has the highest
-// priority, or there is no hard memory threshold) runs its handlers in
-// asynq's goroutine instead, which saves two thread wake-ups per task. There a handler that calls runtime.Goexit fails
-// at asynq's deadline, as without the middleware, rather than at once, and a
-// handler that outlives its context counts as abandoned at a CPU sample
-// after the grace period (WithAbandonGrace).
+// the handler ignores its context. Some tasks run in asynq's goroutine
+// instead, which saves two thread wake-ups. This applies when the queue
+// accounts CPU, has no TaskCPU and no Timeout that ends before asynq's
+// deadline for the task, and the task cannot be preempted (its queue has the
+// highest priority, or there is no hard memory threshold). There a handler that calls runtime.Goexit
+// fails at asynq's deadline, as without the middleware, rather than at once,
+// and a handler that outlives its context counts as abandoned at a CPU
+// sample after the grace period (WithAbandonGrace).
 //
 // # Observe mode
 //

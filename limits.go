@@ -208,6 +208,7 @@ func (l *Limiter) Close() error {
 	l.closeOnce.Do(func() {
 		if l.monitor != nil {
 			l.monitor.close()
+			l.noticeAbandonedAtClose()
 		}
 		if l.metrics.queues != nil {
 			l.metrics.queues.close()

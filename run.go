@@ -96,17 +96,18 @@ func (l *Limiter) start(ctx context.Context, q *queueState, t *asynq.Task, next 
 		r.expired = r.timer.C
 	}
 
+	r.preemptible = q.tracked && l.tracksRuns && !lastAttempt(ctx)
+	r.inline = l.runsInline(q, r, ok)
+	r.ctx.followsParent = r.inline
+
 	l.running.Add(1)
 	q.inFlight.Add(1)
 	q.metrics.inFlight.Inc()
-	if q.tracked {
-		r.preemptible = l.tracksRuns && !lastAttempt(ctx)
-		if !q.cpuAccounting { // lockThread tracks the run with its thread
-			q.track(r)
-		}
+	// Tracking makes the run visible to other goroutines, so it comes once
+	// the run is set up.
+	if q.tracked && !q.cpuAccounting { // lockThread tracks the run with its thread
+		q.track(r)
 	}
-	r.inline = l.runsInline(q, r, ok)
-	r.ctx.inherited = r.inline
 	if !r.inline {
 		go r.execute()
 	}
@@ -296,8 +297,13 @@ func (r *taskRun) execute() {
 		}
 		r.result = res
 		if r.state.CompareAndSwap(runRunning, runFinished) {
-			if !r.inline {
+			switch {
+			case !r.inline:
 				r.done <- struct{}{}
+			case res.err == errGoexit:
+				// runInline never gets to report this outcome: the
+				// goroutine ends after this deferred call.
+				r.q.metrics.outcomes[OutcomeFailed].Inc()
 			}
 			return
 		}

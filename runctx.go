@@ -22,17 +22,19 @@ var closedChan = func() chan struct{} {
 //
 // It implements the AfterFunc method that the context package looks for, so
 // contexts the handler derives from it need no goroutine of their own.
-//
-// An inherited runCtx is its parent and the Limiter's value, nothing more:
-// it ends when the parent ends, and cancel does nothing. It serves handlers
-// that run in the middleware's own goroutine, where nothing but the parent
-// can end the context while the handler runs.
 type runCtx struct {
 	context.Context
 	limiter     *Limiter
 	deadline    time.Time
 	hasDeadline bool
-	inherited   bool
+	// followsParent is true when the context must notice the end of its
+	// parent itself, because the handler runs in the middleware's goroutine
+	// and no one waits on the parent for it. Err then reads the parent's
+	// error, and the first Done or AfterFunc starts a watch of the parent,
+	// which stopFollow ends. Otherwise the middleware calls cancel when the
+	// parent ends.
+	followsParent bool
+	stopFollow    func() bool
 
 	mu    sync.Mutex
 	done  chan struct{}
@@ -68,11 +70,10 @@ func (c *runCtx) Deadline() (time.Time, bool) {
 	return c.Context.Deadline()
 }
 
-// Done returns a channel that is closed when cancel ends the context, or the
-// parent's channel when the context is inherited.
+// Done returns a channel that is closed when the context ends.
 func (c *runCtx) Done() <-chan struct{} {
-	if c.inherited {
-		return c.Context.Done()
+	if c.followsParent && c.Context.Err() != nil {
+		c.cancel(nil) // takes the parent's error
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -81,15 +82,16 @@ func (c *runCtx) Done() <-chan struct{} {
 			return closedChan
 		}
 		c.done = make(chan struct{})
+		c.followLocked()
 	}
 	return c.done
 }
 
-// Err returns nil until cancel ends the context, then the error it ended
-// with. An inherited context returns the parent's error.
+// Err returns nil until the context ends, then the error it ended with.
 func (c *runCtx) Err() error {
-	if c.inherited {
-		return c.Context.Err()
+	if c.followsParent && c.Context.Err() != nil {
+		// Ending the context here closes Done before Err reports the end.
+		c.cancel(nil)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -99,9 +101,6 @@ func (c *runCtx) Err() error {
 // AfterFunc arranges for f to run in its own goroutine once the context
 // ends. Calling stop before that keeps f from running.
 func (c *runCtx) AfterFunc(f func()) (stop func() bool) {
-	if c.inherited {
-		return context.AfterFunc(c.Context, f)
-	}
 	a := &afterFunc{f: f}
 	c.mu.Lock()
 	if c.err != nil {
@@ -113,6 +112,7 @@ func (c *runCtx) AfterFunc(f func()) (stop func() bool) {
 		c.after = make(map[*afterFunc]struct{})
 	}
 	c.after[a] = struct{}{}
+	c.followLocked()
 	c.mu.Unlock()
 
 	return func() bool {
@@ -124,14 +124,25 @@ func (c *runCtx) AfterFunc(f func()) (stop func() bool) {
 	}
 }
 
-// cancel ends the context with err; later calls do nothing, and so does a
-// call on an inherited context.
+// followLocked starts the watch of the parent of a context that follows it,
+// once. The caller holds c.mu.
+func (c *runCtx) followLocked() {
+	if c.followsParent && c.stopFollow == nil {
+		c.stopFollow = context.AfterFunc(c.Context, func() { c.cancel(nil) })
+	}
+}
+
+// cancel ends the context with err; later calls do nothing. A context that
+// follows its parent ends with the parent's error once the parent has ended,
+// and a nil err stands for that error.
 func (c *runCtx) cancel(err error) {
-	if c.inherited {
-		return
+	if c.followsParent {
+		if parentErr := c.Context.Err(); parentErr != nil {
+			err = parentErr
+		}
 	}
 	c.mu.Lock()
-	if c.err != nil {
+	if c.err != nil || err == nil {
 		c.mu.Unlock()
 		return
 	}
@@ -141,8 +152,12 @@ func (c *runCtx) cancel(err error) {
 	}
 	after := c.after
 	c.after = nil
+	stop := c.stopFollow
 	c.mu.Unlock()
 
+	if stop != nil {
+		stop()
+	}
 	for a := range after {
 		go a.f()
 	}

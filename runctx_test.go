@@ -95,32 +95,67 @@ func TestRunCtxAfterFuncWhenEnded(t *testing.T) {
 	}
 }
 
-// TestRunCtxInherited checks that an inherited context ends with its
-// parent, through Done, Err and the contexts derived from it, and that
-// cancel leaves it alone.
-func TestRunCtxInherited(t *testing.T) {
+// TestRunCtxFollowsParent checks that a context that follows its parent
+// ends with the parent, through Done, Err, AfterFunc and derived contexts.
+func TestRunCtxFollowsParent(t *testing.T) {
 	parent, cancelParent := context.WithCancel(context.Background())
 	l := &Limiter{}
 	c := newRunCtx(parent, l, time.Time{}, false)
-	c.inherited = true
+	c.followsParent = true
 	if got := c.Value(activeLimiterKey{}); got != l {
 		t.Errorf("Value(activeLimiterKey{}) = %v, want the Limiter", got)
-	}
-
-	c.cancel(context.Canceled)
-	if err := c.Err(); err != nil {
-		t.Fatalf("Err() after cancel = %v, want nil: cancel must not end an inherited context", err)
 	}
 	child, stopChild := context.WithCancel(c)
 	defer stopChild()
 	fired := make(chan struct{})
 	context.AfterFunc(c, func() { close(fired) })
+	done := c.Done()
 
 	cancelParent()
-	<-c.Done()
+	<-done
 	<-child.Done()
 	<-fired
 	if err := c.Err(); !errors.Is(err, context.Canceled) {
 		t.Errorf("Err() after the parent ended = %v, want context.Canceled", err)
+	}
+}
+
+// TestRunCtxFollowsParentCancel checks that cancel ends a context that
+// follows a live parent, as the middleware does when the task ends.
+func TestRunCtxFollowsParentCancel(t *testing.T) {
+	parent, cancelParent := context.WithCancel(context.Background())
+	defer cancelParent()
+	c := newRunCtx(parent, nil, time.Time{}, false)
+	c.followsParent = true
+	child, stopChild := context.WithCancel(c)
+	defer stopChild()
+
+	c.cancel(context.Canceled)
+	<-child.Done()
+	if err := c.Err(); !errors.Is(err, context.Canceled) {
+		t.Errorf("Err() after cancel = %v, want context.Canceled", err)
+	}
+	if err := parent.Err(); err != nil {
+		t.Errorf("parent Err() = %v after cancel of the child context, want nil", err)
+	}
+}
+
+// TestRunCtxFollowsParentError checks that a context that follows its
+// parent keeps the parent's error when cancel comes later, even when no one
+// asked for Done, so a handler past asynq's deadline counts as timed out.
+func TestRunCtxFollowsParentError(t *testing.T) {
+	parent, cancelParent := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancelParent()
+	c := newRunCtx(parent, nil, time.Time{}, false)
+	c.followsParent = true
+
+	c.cancel(context.Canceled)
+	if err := c.Err(); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Err() = %v, want the parent's context.DeadlineExceeded", err)
+	}
+	select {
+	case <-c.Done():
+	default:
+		t.Error("Done() is open after the context ended")
 	}
 }
