@@ -301,8 +301,9 @@ func (r *taskRun) execute() {
 			case !r.inline:
 				r.done <- struct{}{}
 			case res.err == errGoexit:
-				// runInline never gets to report this outcome: the
-				// goroutine ends after this deferred call.
+				// runInline never gets to end the context or report the
+				// outcome: the goroutine ends after this deferred call.
+				r.ctx.cancel(context.Canceled)
 				r.q.metrics.outcomes[OutcomeFailed].Inc()
 			}
 			return

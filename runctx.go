@@ -52,13 +52,45 @@ func newRunCtx(parent context.Context, l *Limiter, deadline time.Time, hasDeadli
 	return &runCtx{Context: parent, limiter: l, deadline: deadline, hasDeadline: hasDeadline}
 }
 
-// Value returns the Limiter for activeLimiterKey and the parent's value for
-// any other key.
+// Value returns the Limiter for activeLimiterKey, nothing for the key of
+// the context package's cancelCtx, and the parent's value for any other key.
 func (c *runCtx) Value(key any) any {
 	if _, ok := key.(activeLimiterKey); ok {
 		return c.limiter
 	}
+	if key == cancelCtxKey {
+		return nil
+	}
 	return c.Context.Value(key)
+}
+
+// cancelCtxKey is the key that context.Cause passes to Value to find the
+// nearest cancelCtx, whose cause it then returns. Passed on to the parent,
+// that key would yield the parent's cause for a runCtx that ended first
+// with another error. With no value for it, Cause returns Err instead. The
+// key is not exported, so causeKeyProbe records it from a call of
+// context.Cause. If a later Go looks the cause up differently,
+// cancelCtxKey stays nil and no key matches.
+var cancelCtxKey = func() any {
+	probe := &causeKeyProbe{Context: context.Background()}
+	_ = context.Cause(probe)
+	return probe.key
+}()
+
+// causeKeyProbe is an ended context that records the first key passed to
+// its Value. context.Cause looks up the key of an ended context only.
+type causeKeyProbe struct {
+	context.Context
+	key any
+}
+
+func (p *causeKeyProbe) Err() error { return context.Canceled }
+
+func (p *causeKeyProbe) Value(key any) any {
+	if p.key == nil {
+		p.key = key
+	}
+	return nil
 }
 
 // Deadline returns the budget's deadline, or the parent's when the budget
