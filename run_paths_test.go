@@ -41,6 +41,31 @@ func runPathLimiter(t *testing.T, b Budget, opts ...Option) (*Limiter, *syncBuff
 	return l, logs
 }
 
+// heldTask is a task whose handler ignores its context and returns when
+// release is closed.
+type heldTask struct {
+	cancel  context.CancelFunc // ends the task's context
+	release chan struct{}
+	result  chan error // receives what the middleware returned
+}
+
+// startHeldTask runs a heldTask through the middleware of l in a new
+// goroutine and returns once its handler runs.
+func startHeldTask(l *Limiter) heldTask {
+	started := make(chan struct{})
+	task := heldTask{release: make(chan struct{}), result: make(chan error, 1)}
+	h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+		close(started)
+		<-task.release
+		return nil
+	}))
+	ctx, cancel := context.WithCancel(context.Background())
+	task.cancel = cancel
+	go func() { task.result <- h.ProcessTask(ctx, asynq.NewTask("held", nil)) }()
+	<-started
+	return task
+}
+
 func outcomeSum(q *queueState) float64 {
 	sum := 0.0
 	for _, c := range q.metrics.outcomes {
@@ -117,24 +142,15 @@ func TestRunPathsAbandonedAfterClose(t *testing.T) {
 	for _, p := range runPaths {
 		t.Run(p.name, func(t *testing.T) {
 			l, logs := runPathLimiter(t, p.budget, WithSampleInterval(10*time.Millisecond), WithAbandonGrace(20*time.Millisecond))
-			release, started := make(chan struct{}), make(chan struct{})
-			h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
-				close(started)
-				<-release
-				return nil
-			}))
-			ctx, cancel := context.WithCancel(context.Background())
-			result := make(chan error, 1)
-			go func() { result <- h.ProcessTask(ctx, asynq.NewTask("stuck", nil)) }()
-			<-started
-			cancel()
+			task := startHeldTask(l)
+			task.cancel()
 			l.Close()
 			time.Sleep(150 * time.Millisecond)
 			q := l.queue("")
 			got := testutil.ToFloat64(q.metrics.abandoned)
 			logged := strings.Contains(logs.String(), "handler ignores its context")
-			close(release)
-			<-result
+			close(task.release)
+			<-task.result
 			if got != 1 {
 				t.Errorf("abandoned = %v for a handler that ignored its context for 7 grace periods, expected 1", got)
 			}

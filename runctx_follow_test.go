@@ -254,22 +254,13 @@ func TestRunCtxFollowCloseSweep(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			limiter, logs := runPathLimiter(t, Budget{CPU: 4, Concurrency: 1}, WithAbandonGrace(grace))
 			before := goleak.IgnoreCurrent()
-			started, release := make(chan struct{}), make(chan struct{})
-			handler := limiter.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
-				close(started)
-				<-release
-				return nil
-			}))
-			ctx, cancel := context.WithCancel(context.Background())
-			result := make(chan error, 1)
-			go func() { result <- handler.ProcessTask(ctx, asynq.NewTask("t", nil)) }()
-			<-started
+			task := startHeldTask(limiter)
 
-			cancel()
+			task.cancel()
 			limiter.Close()
 			if !stuck {
-				close(release)
-				if err := <-result; err != nil {
+				close(task.release)
+				if err := <-task.result; err != nil {
 					t.Errorf("ProcessTask = %v, expected nil from a handler that returned within the grace period", err)
 				}
 			}
@@ -281,8 +272,8 @@ func TestRunCtxFollowCloseSweep(t *testing.T) {
 				t.Errorf("abandoned = %v after Close and the grace period, expected %v", got, wantAbandoned)
 			}
 			if stuck {
-				close(release)
-				if err := <-result; !errors.Is(err, context.Canceled) {
+				close(task.release)
+				if err := <-task.result; !errors.Is(err, context.Canceled) {
 					t.Errorf("ProcessTask = %v, expected the abandonment error", err)
 				}
 				if got := testutil.ToFloat64(queue.metrics.abandoned); got != 0 {
