@@ -200,10 +200,13 @@ func New(limits Limits, opts ...Option) (*Limiter, error) {
 	return l, nil
 }
 
-// Close stops the queue size metrics, so that scrapes report no queues, and
-// closes the Inspector that NewServer created for them. It stops nothing that
-// tasks need: running handlers keep their budgets until they return. Close is
-// idempotent.
+// Close stops the goroutine that samples the process and the queues' CPU
+// use, restores the Go memory limit that SetGoMemoryLimit replaced, and
+// stops the queue size metrics, so that scrapes report no queues. It closes
+// the Inspector that NewServer created for them. Running handlers keep their
+// budgets until they return, and a handler in asynq's goroutine that
+// outlives its context still counts as abandoned after the grace period.
+// Close is idempotent.
 func (l *Limiter) Close() error {
 	l.closeOnce.Do(func() {
 		if l.monitor != nil {

@@ -396,15 +396,22 @@ func (r *taskRun) awaitGrace(grace time.Duration) (finished bool) {
 }
 
 // report counts and logs the outcome of a handler that returned in time and
-// returns its error unchanged.
+// returns its error unchanged. A handler that returned nil after asynq's
+// context ended counts as asynq treats it: timed out or failed.
 func (l *Limiter) report(r *taskRun, err error) error {
 	q, elapsed := r.q, time.Since(r.start)
-	outcome := outcomeOf(err, r.ctx.Err())
+	counted := err
+	if err == nil {
+		// asynq stops waiting when its context ends and fails the task with
+		// the context's error, so a nil returned after that is no success.
+		counted = r.ctx.Context.Err()
+	}
+	outcome := outcomeOf(counted, r.ctx.Err())
 	q.metrics.outcomes[outcome].Inc()
 	switch {
 	case outcome == OutcomeTimedOut:
 		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task timed out",
-			"elapsed", elapsed, "timeout", q.budget.Timeout, "error", err)
+			"elapsed", elapsed, "timeout", r.timeout(), "error", counted)
 	case l.limits.Mode == Observe && q.budget.Timeout > 0 && elapsed > q.budget.Timeout:
 		r.countTimeout()
 		l.logEvent(r.ctx, q, r.task, slog.LevelWarn, "asynqlimit: task ran past its queue's Timeout; observe mode let it run",
@@ -443,7 +450,17 @@ func (l *Limiter) abandon(r *taskRun) error {
 func (l *Limiter) logAbandoned(r *taskRun) {
 	l.logEvent(r.ctx, r.q, r.task, slog.LevelWarn,
 		"asynqlimit: handler ignores its context and is still running; its budget stays held until it returns",
-		"elapsed", time.Since(r.start), "timeout", r.q.budget.Timeout, "error", r.ctx.Err())
+		"elapsed", time.Since(r.start), "timeout", r.timeout(), "error", r.ctx.Err())
+}
+
+// timeout returns the time from the start of the run to the deadline of its
+// context: the queue's Timeout, or asynq's deadline when that comes first.
+// It is 0 for a context without a deadline.
+func (r *taskRun) timeout() time.Duration {
+	if deadline, ok := r.ctx.Deadline(); ok {
+		return deadline.Sub(r.start).Round(time.Millisecond)
+	}
+	return 0
 }
 
 // abandonError returns the error of a task whose handler was abandoned.

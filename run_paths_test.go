@@ -425,3 +425,36 @@ func TestRunPathsAbandonedUnderAsynq(t *testing.T) {
 		t.Errorf("stubborn task state %v, expected archived", got)
 	}
 }
+
+// TestRunPathsLateSuccessTimesOut runs a handler that ignores its context
+// and returns nil shortly after the caller's deadline, within the grace
+// period. asynq fails such a task with context.DeadlineExceeded, so it must
+// count as timed out on both paths, not as succeeded.
+func TestRunPathsLateSuccessTimesOut(t *testing.T) {
+	skipWithoutThreadCPU(t)
+	for _, p := range runPaths {
+		t.Run(p.name, func(t *testing.T) {
+			l, logs := runPathLimiter(t, p.budget, WithAbandonGrace(time.Second))
+			h := l.Middleware()(asynq.HandlerFunc(func(context.Context, *asynq.Task) error {
+				time.Sleep(60 * time.Millisecond) // ignores its context
+				return nil
+			}))
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+			defer cancel()
+
+			if err := h.ProcessTask(ctx, asynq.NewTask("late", nil)); err != nil {
+				t.Errorf("ProcessTask = %v, expected the handler's nil", err)
+			}
+			q := l.queue("")
+			if got := testutil.ToFloat64(q.metrics.outcomes[OutcomeTimedOut]); got != 1 {
+				t.Errorf("timed_out = %v, expected 1", got)
+			}
+			if got := testutil.ToFloat64(q.metrics.outcomes[OutcomeSucceeded]); got != 0 {
+				t.Errorf("succeeded = %v, expected 0", got)
+			}
+			if !strings.Contains(logs.String(), "task timed out") || !strings.Contains(logs.String(), "timeout=20ms") {
+				t.Errorf("no timed-out log line with the caller's 20ms deadline; logs:\n%s", logs)
+			}
+		})
+	}
+}
