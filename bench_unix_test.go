@@ -17,7 +17,7 @@ import (
 // a few microseconds of work, called directly, through the middleware, and
 // through the middleware with CPU accounting. The overhead of the
 // middleware is the difference from "direct". "cpu-accounting" has a CPU
-// budget alone, so the handler runs in the middleware's goroutine;
+// budget alone, so the handler runs in the middleware's goroutine.
 // "cpu-accounting-timeout" adds a Timeout and a TaskCPU limit, so the
 // handler runs in a goroutine of its own.
 //

@@ -98,8 +98,8 @@ type Budget struct {
 	// CPU time of the goroutines that run on the thread afterwards counts as
 	// the task's, for CPU and TaskCPU. WithoutCPUAccounting turns the
 	// measurement off. Without TaskCPU, and without a Timeout shorter than
-	// asynq's, the handler may run in asynq's goroutine; the package
-	// documentation says when and what changes. If
+	// asynq's, the handler may run in asynq's goroutine. The package
+	// documentation lists when, and what changes then. If
 	// zero, the queue has no CPU budget.
 	CPU float64
 	// TaskCPU is the CPU time one task may use, measured as for CPU. A task

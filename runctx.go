@@ -164,9 +164,9 @@ func (c *runCtx) followLocked() {
 	}
 }
 
-// cancel ends the context with err; later calls do nothing. A context that
-// follows its parent ends with the parent's error once the parent has ended,
-// and a nil err stands for that error.
+// cancel ends the context with err, and later calls do nothing. A context
+// that follows its parent ends with the parent's error once the parent has
+// ended. A nil err ends only such a context, and only after its parent.
 func (c *runCtx) cancel(err error) {
 	if c.followsParent {
 		if parentErr := c.Context.Err(); parentErr != nil {

@@ -144,9 +144,10 @@ func threadClockID(tid int) int32 {
 }
 
 // clock returns the CPU time of thread t.TID since the thread started.
-// The error paths sit in clockError, so that clock and its callers keep
-// small frames: they run on the stack of the task's goroutine, which starts
-// small, and a deeper call here made the runtime grow it for every task.
+// The error paths are in clockError, so that clock and its callers keep
+// small frames. They run on the stack of the task's goroutine, which starts
+// small, and a deeper call here makes the runtime grow that stack for every
+// task.
 func (t Thread) clock() (time.Duration, error) {
 	var ts unix.Timespec
 	if errno := clockGettime(threadClockID(t.TID), &ts); errno != 0 {
